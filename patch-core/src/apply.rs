@@ -1,0 +1,290 @@
+//! Apply: record → detection → selection → plan → write → report, for every site in the program.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use crate::cpu::Cpu;
+use crate::overrides::{OverrideError, Overrides};
+use crate::plan::{self, Block};
+use crate::record::{self, SiteRecord};
+use crate::report::{How, Report, SiteReport};
+use crate::select::{self, Reason, Selection};
+use crate::write::{SiteWrite, TextWriter};
+
+/// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs.
+pub const LOG_ENV_VAR: &str = "ALTPATCH_LOG";
+
+/// One patcher at a time: `apply`, re-selection and (later) static keys all write under it.
+static PATCHER: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    // A panic while holding the lock cannot leave text half-written (writes finish before any
+    // code that can panic), so a poisoned lock is still usable.
+    PATCHER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+static APPLIED: OnceLock<Report> = OnceLock::new();
+
+/// Selects and patches every site, once per process; later calls return the same report.
+///
+/// Concurrent callers wait for the first. Configuration comes from `ALTPATCH`; a malformed value
+/// patches nothing and is reported (see [`try_apply_patches`] to get it as an error).
+pub fn apply_patches() -> &'static Report {
+    APPLIED.get_or_init(|| {
+        let report = Patcher::from_env().apply();
+        if std::env::var_os(LOG_ENV_VAR).is_some_and(|v| v != "0" && !v.is_empty()) {
+            eprint!("{report}");
+        }
+        report
+    })
+}
+
+/// [`apply_patches`], with a malformed `ALTPATCH` value returned as an error.
+pub fn try_apply_patches() -> Result<&'static Report, &'static OverrideError> {
+    let report = apply_patches();
+    report.error.as_ref().map_or(Ok(report), Err)
+}
+
+/// The report of [`apply_patches`], if it has run.
+pub fn applied_report() -> Option<&'static Report> {
+    APPLIED.get()
+}
+
+/// A configurable apply: a CPU snapshot, overrides and a writer of your choice.
+///
+/// Unlike [`apply_patches`] it runs every time it is called, re-selecting every site: tests use it
+/// to force each candidate in turn, operations to re-select after a configuration change.
+pub struct Patcher {
+    cpu: Option<Cpu>,
+    overrides: Result<Overrides, OverrideError>,
+    writer: Option<Box<dyn TextWriter>>,
+}
+
+impl Default for Patcher {
+    fn default() -> Self {
+        Patcher { cpu: None, overrides: Ok(Overrides::default()), writer: None }
+    }
+}
+
+impl Patcher {
+    /// Detected CPU, no overrides, the default writer.
+    pub fn new() -> Patcher {
+        Patcher::default()
+    }
+
+    /// Detected CPU, overrides from `ALTPATCH`.
+    pub fn from_env() -> Patcher {
+        Patcher { overrides: Overrides::from_env(), ..Patcher::default() }
+    }
+
+    /// Selects for this CPU snapshot instead of the detected one.
+    pub fn cpu(mut self, cpu: Cpu) -> Patcher {
+        self.cpu = Some(cpu);
+        self
+    }
+
+    /// Uses these overrides (the same as `ALTPATCH`).
+    pub fn overrides(mut self, overrides: Overrides) -> Patcher {
+        self.overrides = Ok(overrides);
+        self
+    }
+
+    /// Parses overrides in `ALTPATCH` syntax; an error is kept and reported by `apply`.
+    pub fn overrides_str(mut self, text: &str) -> Patcher {
+        self.overrides = Overrides::parse(text);
+        self
+    }
+
+    /// Writes with `writer` instead of the default (mprotect, falling back to `/proc/self/mem`).
+    pub fn writer(mut self, writer: Box<dyn TextWriter>) -> Patcher {
+        self.writer = Some(writer);
+        self
+    }
+
+    /// Selects, verifies, plans and writes every site; never panics, whatever it finds.
+    pub fn apply(self) -> Report {
+        let start = Instant::now();
+        let _guard = lock();
+        let records = record::records();
+        let (overrides, error) = match self.overrides {
+            Ok(o) => match o.check_choices(choice_table(records).iter().map(|(n, c)| (*n, c.as_slice()))) {
+                Ok(()) => (o, None),
+                Err(e) => (Overrides::default(), Some(e)),
+            },
+            Err(e) => (Overrides::default(), Some(e)),
+        };
+        let cpu = self.cpu.unwrap_or_else(Cpu::detect).without(overrides.cleared);
+        let mut writer = self.writer.unwrap_or_else(default_writer);
+        let disabled = disabled_reason(&overrides, error.as_ref());
+
+        let mut report = Report {
+            sites: Vec::with_capacity(records.len()),
+            cpu,
+            disabled,
+            error,
+            writer: writer.name(),
+            stats: Default::default(),
+            elapsed: Default::default(),
+        };
+        let mut writes = Vec::new();
+        let mut written_sites = Vec::new();
+        let memory = crate::os::memory_map();
+        for rec in records {
+            let mut site = site_report(rec);
+            if let Some(why) = &report.disabled {
+                site.why = why.clone();
+            } else {
+                match plan_record(rec, &report.cpu, &overrides, &memory) {
+                    Ok((selection, write)) => {
+                        let name = rec.descriptor().candidates[selection.index].name;
+                        site.chosen = name;
+                        site.why = why_selected(rec, &selection);
+                        site.how = if selection.index == 0 && write.plan.bytes == write.old {
+                            How::Unpatched
+                        } else {
+                            How::of(write.plan.shape)
+                        };
+                        if write.plan.bytes != write.old {
+                            written_sites.push(report.sites.len());
+                            writes.push(write);
+                        } else if site.how != How::Unpatched {
+                            site.why = format!("{} (already in place)", site.why);
+                        }
+                    }
+                    Err(why) => site.why = why,
+                }
+            }
+            report.sites.push(site);
+        }
+
+        if !writes.is_empty() {
+            let (results, stats) = crate::write::write_batch(&writes, writer.as_mut());
+            report.stats = stats;
+            report.writer = writer.name();
+            for (i, result) in written_sites.into_iter().zip(results) {
+                let site = &mut report.sites[i];
+                match result {
+                    Ok(()) => site.written = true,
+                    Err(e) => {
+                        site.why = format!("not written: {e}; runs what it ran before");
+                        site.how = How::Unpatched;
+                    }
+                }
+            }
+        }
+        report.elapsed = start.elapsed();
+        report
+    }
+}
+
+fn default_writer() -> Box<dyn TextWriter> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        use crate::os::linux::{MprotectWriter, ProcMemWriter};
+        Box::new(crate::write::FallbackWriter::new(MprotectWriter::default(), ProcMemWriter::default()))
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        Box::new(crate::os::NoWriter)
+    }
+}
+
+/// Every site's name and candidate names, for checking `ALTPATCH` choices.
+fn choice_table(records: &[SiteRecord]) -> Vec<(&'static str, Vec<&'static str>)> {
+    records
+        .iter()
+        .filter(|r| record::is_understood(r))
+        .map(|r| (r.descriptor().name, r.descriptor().candidate_names().collect()))
+        .collect()
+}
+
+fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Option<String> {
+    if let Some(e) = error {
+        return Some(format!("configuration error, every site runs its default: {e}"));
+    }
+    if cfg!(feature = "force-unpatched") {
+        return Some("built with the `force-unpatched` feature".into());
+    }
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        return Some("patching is implemented for x86_64 Linux only; defaults run".into());
+    }
+    overrides.off.then(|| format!("{}=off", crate::overrides::ENV_VAR))
+}
+
+fn site_report(rec: &SiteRecord) -> SiteReport {
+    let understood = record::is_understood(rec);
+    let desc = understood.then(|| rec.descriptor());
+    SiteReport {
+        name: desc.map_or("?", |d| d.name),
+        file: desc.map_or("?", |d| d.file),
+        line: desc.map_or(0, |d| d.line),
+        addr: rec.site_addr(),
+        len: usize::from(rec.len),
+        kind: rec.kind(),
+        candidates: desc.map(|d| d.candidate_names().collect()).unwrap_or_default(),
+        chosen: "default",
+        how: How::Unpatched,
+        written: false,
+        why: String::new(),
+    }
+}
+
+/// Selects and plans one record, or says why it is left alone.
+fn plan_record(
+    rec: &SiteRecord,
+    cpu: &Cpu,
+    overrides: &Overrides,
+    memory: &crate::os::MemoryMap,
+) -> Result<(Selection, SiteWrite), String> {
+    if !record::is_understood(rec) {
+        return Err(format!(
+            "record not understood (version {}, kind {:?}, {} entries); left as built",
+            rec.version,
+            rec.kind(),
+            rec.count
+        ));
+    }
+    let desc = rec.descriptor();
+    if desc.candidates.len() != usize::from(rec.count) {
+        return Err(format!(
+            "record has {} candidate blocks but its descriptor names {}; left as built",
+            rec.count,
+            desc.candidates.len()
+        ));
+    }
+    let site = rec.site_addr();
+    let len = usize::from(rec.len);
+    if !memory.is_executable(site, len) {
+        return Err(format!("site {site:#x}+{len} is not in executable memory; left alone"));
+    }
+    let mut blocks = Vec::with_capacity(desc.candidates.len());
+    for i in 0..desc.candidates.len() {
+        let (bytes, ip) = rec.replacement(i).ok_or("candidate table too short")?;
+        if !memory.is_readable(ip, bytes.len()) {
+            return Err(format!("candidate {} bytes at {ip:#x} are not readable; left alone", desc.candidates[i].name));
+        }
+        blocks.push(Block { bytes, ip: ip as u64 });
+    }
+    // SAFETY: the range was checked to be mapped and executable (hence readable on x86_64), and
+    // only the patcher (whose lock we hold) writes it.
+    let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
+    let selection = select::select(desc, cpu, overrides);
+    let names: Vec<&str> = desc.candidate_names().collect();
+    let plan = plan::plan_site(site as u64, current, &blocks, &names, selection.index)
+        .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
+    Ok((selection, SiteWrite { plan, old: current.to_vec() }))
+}
+
+fn why_selected(rec: &SiteRecord, selection: &Selection) -> String {
+    let candidates = rec.descriptor().candidates;
+    match selection.reason {
+        Reason::Off => "patching is off".into(),
+        Reason::Forced => format!("forced by {}", crate::overrides::ENV_VAR),
+        Reason::PredicateHolds => format!("{} holds", candidates[selection.index].predicate),
+        Reason::NoCandidateHolds if candidates.len() == 1 => "no other candidate".into(),
+        Reason::NoCandidateHolds => {
+            let tried: Vec<String> = candidates[1..].iter().map(|c| c.predicate.to_string()).collect();
+            format!("none of {} holds", tried.join(", "))
+        }
+    }
+}

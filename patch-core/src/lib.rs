@@ -1,0 +1,21 @@
+//! Runtime of `altpatch`: site records, CPU detection, selection, verification and patching.
+//!
+//! Users depend on the `altpatch` facade crate, which owns the documentation; this crate holds the
+//! machinery it re-exports. The flow, one module a stage: [`record`] → [`cpu`] → [`select`] (with
+//! [`overrides`]) → [`plan`] → [`write`] → [`report`], driven by [`apply`].
+
+pub mod apply;
+pub mod arch;
+pub mod cpu;
+pub mod feature;
+pub mod os;
+pub mod overrides;
+pub mod plan;
+pub mod record;
+pub mod report;
+pub mod select;
+pub mod write;
+
+pub use apply::{Patcher, apply_patches, applied_report, try_apply_patches};
+pub use feature::{Feature, FeatureSet};
+pub use report::{How, Report, SiteReport};

@@ -1,0 +1,446 @@
+//! Plan: decide, for one site, the exact bytes to write, after checking that the bytes there now are
+//! what the record promises.
+//!
+//! Everything here works on byte slices and addresses, never on live memory, so it is tested (and
+//! fuzzed) on arbitrary input.
+//!
+//! * **Verify.** The site must decode to one of its candidates' blocks, relocated to the site
+//!   address (the default when the program starts, another candidate after a patch), followed by
+//!   NOP filler. Anything else (a linker or LTO mangling, a debugger's breakpoint, another patcher)
+//!   refuses the site.
+//! * **Build.** The chosen block is decoded at the address it was assembled at and re-encoded at the
+//!   site with iced-x86's `BlockEncoder`, which fixes relative branches, calls and RIP-relative
+//!   operands; the tail is filled with the longest recommended NOP (or a short `jmp` over `int3`
+//!   filler when the tail is longer than any NOP); the result is decoded once more and must equal
+//!   the intended instructions.
+
+use core::fmt;
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Instruction, InstructionBlock,
+    Mnemonic, OpKind,
+};
+
+/// A block of machine code and the address it was assembled for.
+#[derive(Clone, Copy, Debug)]
+pub struct Block<'a> {
+    /// The instructions' bytes (may be empty: a NOP candidate).
+    pub bytes: &'a [u8],
+    /// The address the bytes' relative operands are relative to.
+    pub ip: u64,
+}
+
+/// How a site runs once its new bytes are in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// A direct `call` to `target`, then NOP filler.
+    Call {
+        /// Absolute target.
+        target: u64,
+    },
+    /// A direct `jmp` to `target` (the rest is never reached).
+    Jump {
+        /// Absolute target.
+        target: u64,
+    },
+    /// Only NOP filler.
+    Nop,
+    /// Some other instructions, then NOP filler.
+    Inline {
+        /// Length of the instructions, before the filler.
+        len: usize,
+    },
+}
+
+impl Shape {
+    /// Short name for reports.
+    pub fn how(&self) -> &'static str {
+        match self {
+            Shape::Call { .. } => "call",
+            Shape::Jump { .. } => "jmp",
+            Shape::Nop => "nop",
+            Shape::Inline { .. } => "inline",
+        }
+    }
+}
+
+/// The bytes to write at one site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Site address.
+    pub ip: u64,
+    /// The new bytes; exactly as long as the site.
+    pub bytes: Vec<u8>,
+    /// What the new bytes do, for the trap handler and the report.
+    pub shape: Shape,
+}
+
+/// Why a site was not planned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The site's current bytes are none of its candidates.
+    UnexpectedBytes {
+        /// The bytes found (hex in the message).
+        found: Vec<u8>,
+    },
+    /// A replacement block does not decode.
+    Undecodable {
+        /// Which block: `"default"`, a candidate name, or `"result"`.
+        block: String,
+        /// The decoder's or encoder's complaint.
+        detail: String,
+    },
+    /// A relocated replacement is longer than the site.
+    TooLong {
+        /// The candidate.
+        block: String,
+        /// Its length once relocated.
+        len: usize,
+        /// The site's length.
+        site_len: usize,
+    },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnexpectedBytes { found } => {
+                f.write_str("site bytes are none of its candidates (found")?;
+                for b in found {
+                    write!(f, " {b:02x}")?;
+                }
+                f.write_str(")")
+            }
+            Refusal::Undecodable { block, detail } => write!(f, "{block} does not decode: {detail}"),
+            Refusal::TooLong { block, len, site_len } => {
+                write!(f, "{block} is {len} bytes once relocated, the site only {site_len}")
+            }
+        }
+    }
+}
+
+/// Longest single NOP used for filler; the same set the kernel uses on x86_64 (`BYTES_NOP1..8`).
+pub const MAX_NOP: usize = 8;
+
+/// The recommended NOP of each length 1..=8 (Intel SDM, "Recommended Multi-Byte Sequence of NOP").
+const NOPS: [&[u8]; MAX_NOP + 1] = [
+    &[],
+    &[0x90],
+    &[0x66, 0x90],
+    &[0x0f, 0x1f, 0x00],
+    &[0x0f, 0x1f, 0x40, 0x00],
+    &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+    &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+    &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
+    &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+];
+
+const INT3: u8 = 0xcc;
+const JMP_REL8: u8 = 0xeb;
+
+/// Appends `len` bytes of filler that does nothing: one NOP when `len <= MAX_NOP`, otherwise a
+/// `jmp rel8` over `int3` bytes (never executed), repeated if the tail is longer than a rel8 reaches.
+pub fn fill_nops(out: &mut Vec<u8>, mut len: usize) {
+    while len > MAX_NOP {
+        let skip = (len - 2).min(i8::MAX as usize);
+        out.push(JMP_REL8);
+        out.push(skip as u8);
+        out.extend(core::iter::repeat_n(INT3, skip));
+        len -= 2 + skip;
+    }
+    out.extend_from_slice(NOPS[len]);
+}
+
+/// Decodes all of `block`; fails on the first invalid or truncated instruction.
+pub fn decode(block: Block<'_>) -> Result<Vec<Instruction>, String> {
+    let mut decoder = Decoder::with_ip(64, block.bytes, block.ip, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            return Err(format!(
+                "invalid instruction at offset {}",
+                instr.ip().wrapping_sub(block.ip)
+            ));
+        }
+        out.push(instr);
+    }
+    Ok(out)
+}
+
+/// Re-encodes `block` at `new_ip`, relocating relative branches, calls and RIP-relative operands.
+pub fn relocate(block: Block<'_>, new_ip: u64) -> Result<Vec<u8>, String> {
+    let mut instrs = decode(block)?;
+    if instrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A branch to the block's own end would otherwise keep pointing after the original block.
+    // Anchor it on a NOP placed there, so BlockEncoder moves it with the block; the NOP becomes
+    // the first byte of the filler.
+    let end = block.ip + block.bytes.len() as u64;
+    let anchors_end = instrs.iter().any(|i| is_near_branch(i) && i.near_branch_target() == end);
+    if anchors_end {
+        let mut nop = Instruction::with(Code::Nopd);
+        nop.set_ip(end);
+        instrs.push(nop);
+    }
+    let encoded = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&instrs, new_ip),
+        BlockEncoderOptions::NONE,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(encoded.code_buffer)
+}
+
+fn is_near_branch(instr: &Instruction) -> bool {
+    instr.op_count() == 1 && instr.op0_kind() == OpKind::NearBranch64
+}
+
+/// Whether two instructions do the same thing: equal, or branches of the same mnemonic to the same
+/// target (the encoder may pick a rel8 form where the assembler picked rel32, or back).
+fn same_instruction(a: &Instruction, b: &Instruction) -> bool {
+    if is_near_branch(a) && is_near_branch(b) {
+        a.mnemonic() == b.mnemonic() && a.near_branch_target() == b.near_branch_target()
+    } else {
+        a == b
+    }
+}
+
+/// Checks that `code` decodes as `expected` (same instructions) followed by filler only, and
+/// returns the length of the instructions before the filler.
+fn matches_block(code: Block<'_>, expected: &[Instruction]) -> Option<usize> {
+    let mut decoder = Decoder::with_ip(64, code.bytes, code.ip, DecoderOptions::NONE);
+    for want in expected {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let got = decoder.decode();
+        if got.is_invalid() || !same_instruction(&got, want) {
+            return None;
+        }
+    }
+    let body = decoder.position();
+    is_filler(&code.bytes[body..]).then_some(body)
+}
+
+/// Whether `bytes` is only NOPs, or `jmp rel8` over `int3`s, as [`fill_nops`] writes (build-time
+/// padding is single-byte `0x90`s; other NOP forms are accepted too).
+pub fn is_filler(bytes: &[u8]) -> bool {
+    let mut decoder = Decoder::new(64, bytes, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let at = decoder.position();
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            return false;
+        }
+        if instr.mnemonic() == Mnemonic::Nop {
+            continue;
+        }
+        if instr.code() == Code::Jmp_rel8_64 {
+            let skip_to = at + 2 + usize::from(bytes[at + 1]);
+            if (bytes[at + 1] as i8) < 0
+                || skip_to > bytes.len()
+                || bytes[at + 2..skip_to].iter().any(|&b| b != INT3)
+            {
+                return false;
+            }
+            decoder.set_position(skip_to).expect("within bounds: checked above");
+            continue;
+        }
+        return false;
+    }
+    true
+}
+
+/// Plans one site: checks that `current` (the site's bytes, at `site_ip`) is one of `candidates`
+/// relocated to the site, then builds the bytes for `candidates[chosen]`.
+///
+/// `names` label the candidates in refusals. Returns the plan even when it writes the same bytes
+/// as now; the caller skips those.
+pub fn plan_site(
+    site_ip: u64,
+    current: &[u8],
+    candidates: &[Block<'_>],
+    names: &[&str],
+    chosen: usize,
+) -> Result<Plan, Refusal> {
+    let site = Block { bytes: current, ip: site_ip };
+    let name = |i: usize| names.get(i).copied().unwrap_or("candidate").to_string();
+    let undecodable = |block: String, detail: String| Refusal::Undecodable { block, detail };
+
+    let mut recognised = false;
+    let mut new_body = None;
+    for (i, block) in candidates.iter().enumerate() {
+        let relocated = relocate(*block, site_ip).map_err(|d| undecodable(name(i), d))?;
+        if relocated.len() > current.len() {
+            return Err(Refusal::TooLong { block: name(i), len: relocated.len(), site_len: current.len() });
+        }
+        let instrs = decode(Block { bytes: &relocated, ip: site_ip })
+            .map_err(|d| undecodable(name(i), d))?;
+        if !recognised && matches_block(site, &instrs).is_some() {
+            recognised = true;
+        }
+        if i == chosen {
+            new_body = Some((relocated, instrs));
+        }
+    }
+    if !recognised {
+        return Err(Refusal::UnexpectedBytes { found: current.to_vec() });
+    }
+    let (mut bytes, instrs) = new_body.ok_or_else(|| undecodable(name(chosen), "no such candidate".into()))?;
+    let body_len = bytes.len();
+    fill_nops(&mut bytes, current.len() - body_len);
+
+    // Decode what will be written, once more: it must be the intended instructions and filler.
+    let written = Block { bytes: &bytes, ip: site_ip };
+    if matches_block(written, &instrs) != Some(body_len) {
+        return Err(undecodable("result".into(), "re-decoding the new bytes gave other instructions".into()));
+    }
+    Ok(Plan { ip: site_ip, shape: shape_of(&instrs, body_len), bytes })
+}
+
+fn shape_of(instrs: &[Instruction], body_len: usize) -> Shape {
+    match instrs {
+        [] => Shape::Nop,
+        [only] if is_near_branch(only) && only.mnemonic() == Mnemonic::Call => {
+            Shape::Call { target: only.near_branch_target() }
+        }
+        [first, ..] if is_near_branch(first) && first.mnemonic() == Mnemonic::Jmp => {
+            Shape::Jump { target: first.near_branch_target() }
+        }
+        _ => Shape::Inline { len: body_len },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SITE: u64 = 0x40_1000;
+    const REPL: u64 = 0x60_2000;
+
+    fn call_at(ip: u64, target: u64) -> Vec<u8> {
+        let rel = (target as i64 - (ip as i64 + 5)) as i32;
+        let mut v = vec![0xe8];
+        v.extend_from_slice(&rel.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn every_fill_length_is_filler_and_the_right_size() {
+        for len in 0..=300 {
+            let mut out = Vec::new();
+            fill_nops(&mut out, len);
+            assert_eq!(out.len(), len, "len {len}");
+            assert!(is_filler(&out), "len {len}: {out:02x?}");
+        }
+        let mut one = Vec::new();
+        fill_nops(&mut one, 8);
+        let instrs = decode(Block { bytes: &one, ip: 0 }).unwrap();
+        assert_eq!(instrs.len(), 1, "a tail of 8 is a single NOP");
+    }
+
+    #[test]
+    fn call_site_is_retargeted_and_padded() {
+        let default = call_at(REPL, 0x50_0000);
+        let avx2 = call_at(REPL + 16, 0x50_1000);
+        let mut site = call_at(SITE, 0x50_0000);
+        site.extend([0x90; 3]);
+        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &avx2, ip: REPL + 16 }];
+        let plan = plan_site(SITE, &site, &blocks, &["default", "avx2"], 1).unwrap();
+        assert_eq!(plan.shape, Shape::Call { target: 0x50_1000 });
+        assert_eq!(plan.bytes.len(), 8);
+        let instrs = decode(Block { bytes: &plan.bytes, ip: SITE }).unwrap();
+        assert_eq!(instrs.len(), 2);
+        assert!(instrs[0].mnemonic() == Mnemonic::Call && instrs[0].near_branch_target() == 0x50_1000);
+        assert_eq!(instrs[1].len(), 3);
+        assert_eq!(instrs[1].mnemonic(), Mnemonic::Nop);
+    }
+
+    #[test]
+    fn nop_candidate_fills_the_whole_site() {
+        let default = call_at(REPL, 0x50_0000);
+        let site = call_at(SITE, 0x50_0000);
+        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &[], ip: REPL + 8 }];
+        let plan = plan_site(SITE, &site, &blocks, &["default", "nop"], 1).unwrap();
+        assert_eq!(plan.shape, Shape::Nop);
+        assert_eq!(plan.bytes, NOPS[5]);
+    }
+
+    #[test]
+    fn rip_relative_lea_and_inner_call_are_relocated() {
+        // lea rax, [rip + 0x100]; call +0x200 (both relative to REPL).
+        let repl: &[u8] = &[0x48, 0x8d, 0x05, 0x00, 0x01, 0x00, 0x00, 0xe8, 0x00, 0x02, 0x00, 0x00];
+        let lea_target = REPL + 7 + 0x100;
+        let call_target = REPL + 12 + 0x200;
+        let default = call_at(REPL + 32, 0x50_0000);
+        let mut site = call_at(SITE, 0x50_0000);
+        site.extend([0x90; 7]);
+        let blocks = [Block { bytes: &default, ip: REPL + 32 }, Block { bytes: repl, ip: REPL }];
+        let plan = plan_site(SITE, &site, &blocks, &["default", "inline"], 1).unwrap();
+        assert_eq!(plan.shape, Shape::Inline { len: 12 });
+        let instrs = decode(Block { bytes: &plan.bytes, ip: SITE }).unwrap();
+        assert_eq!(instrs[0].ip_rel_memory_address(), lea_target);
+        assert!(instrs[1].mnemonic() == Mnemonic::Call && instrs[1].near_branch_target() == call_target);
+    }
+
+    #[test]
+    fn branch_to_the_end_of_a_block_moves_with_it() {
+        // test rdi, rdi; jz end; inc rax; end:
+        let repl: &[u8] = &[0x48, 0x85, 0xff, 0x74, 0x03, 0x48, 0xff, 0xc0];
+        let default = call_at(REPL + 32, 0x50_0000);
+        let mut site = call_at(SITE, 0x50_0000);
+        site.extend([0x90; 5]);
+        let blocks = [Block { bytes: &default, ip: REPL + 32 }, Block { bytes: repl, ip: REPL }];
+        let plan = plan_site(SITE, &site, &blocks, &["default", "inline"], 1).unwrap();
+        let instrs = decode(Block { bytes: &plan.bytes, ip: SITE }).unwrap();
+        assert_eq!(instrs[1].near_branch_target(), SITE + 8);
+    }
+
+    #[test]
+    fn unexpected_bytes_are_refused() {
+        let default = call_at(REPL, 0x50_0000);
+        let mut site = call_at(SITE, 0x50_0004); // another target
+        site.extend([0x90; 3]);
+        let blocks = [Block { bytes: &default, ip: REPL }];
+        let err = plan_site(SITE, &site, &blocks, &["default"], 0).unwrap_err();
+        assert!(matches!(err, Refusal::UnexpectedBytes { .. }));
+        assert!(err.to_string().contains("e8"), "{err}");
+        // A breakpoint over the padding is not filler either.
+        let mut site = call_at(SITE, 0x50_0000);
+        site.extend([0x90, 0xcc, 0x90]);
+        assert!(plan_site(SITE, &site, &blocks, &["default"], 0).is_err());
+    }
+
+    #[test]
+    fn a_site_holding_a_candidate_is_recognised_and_can_go_back() {
+        let default = call_at(REPL, 0x50_0000);
+        let mut site = vec![0xf3, 0x48, 0x0f, 0xb8, 0xc7]; // popcnt rax, rdi
+        let popcnt = site.clone();
+        site.extend([0x90; 2]);
+        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &popcnt, ip: REPL + 8 }];
+        let plan = plan_site(SITE, &site, &blocks, &["default", "popcnt"], 0).unwrap();
+        assert_eq!(plan.shape, Shape::Call { target: 0x50_0000 });
+        assert_eq!(&plan.bytes[5..], NOPS[2]);
+    }
+
+    #[test]
+    fn oversized_and_undecodable_replacements_are_refused() {
+        let default = call_at(REPL, 0x50_0000);
+        let site = call_at(SITE, 0x50_0000);
+        let long = [0x90u8; 9];
+        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &long, ip: REPL + 8 }];
+        assert!(matches!(
+            plan_site(SITE, &site, &blocks, &["default", "long"], 1),
+            Err(Refusal::TooLong { len: 9, site_len: 5, .. })
+        ));
+        let junk = [0x0f, 0xff];
+        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &junk, ip: REPL + 8 }];
+        assert!(matches!(
+            plan_site(SITE, &site, &blocks, &["default", "junk"], 1),
+            Err(Refusal::Undecodable { .. })
+        ));
+    }
+}

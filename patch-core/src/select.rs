@@ -1,0 +1,186 @@
+//! Selection: which candidate each site runs on this machine.
+//!
+//! Candidates are ordered by preference; the first whose [`Predicate`] holds on the CPU snapshot
+//! wins, and the default (first in the table, [`Predicate::Always`]) is what remains. An
+//! `ALTPATCH=site=candidate` choice comes before all of that.
+
+use core::fmt;
+
+use crate::Feature;
+use crate::cpu::{Cpu, HypervisorKind};
+use crate::overrides::Overrides;
+use crate::record::SiteDescriptor;
+
+/// When a candidate may run. Built in `const` context by the macros.
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub enum Predicate {
+    /// Always holds (the default).
+    Always,
+    /// The CPU has the feature, with OS support.
+    Feature(Feature),
+    /// Running under any hypervisor.
+    AnyHypervisor,
+    /// Running under this kind of hypervisor.
+    Hypervisor(HypervisorKind),
+    /// The inner predicate does not hold.
+    Not(&'static Predicate),
+    /// Every inner predicate holds.
+    All(&'static [Predicate]),
+    /// At least one inner predicate holds.
+    Any(&'static [Predicate]),
+    /// A user function decides (called once, at selection).
+    When(fn() -> bool),
+}
+
+impl Predicate {
+    /// Evaluates the predicate on a CPU snapshot.
+    pub fn holds(&self, cpu: &Cpu) -> bool {
+        match self {
+            Predicate::Always => true,
+            Predicate::Feature(f) => cpu.has(*f),
+            Predicate::AnyHypervisor => cpu.hypervisor().is_some(),
+            Predicate::Hypervisor(kind) => cpu.hypervisor().is_some_and(|h| h.kind == *kind),
+            Predicate::Not(p) => !p.holds(cpu),
+            Predicate::All(ps) => ps.iter().all(|p| p.holds(cpu)),
+            Predicate::Any(ps) => ps.iter().any(|p| p.holds(cpu)),
+            Predicate::When(f) => f(),
+        }
+    }
+}
+
+/// Written the way the attribute spells it: `avx2`, `all(avx2, bmi2)`, `hypervisor = "kvm"`.
+impl fmt::Display for Predicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |f: &mut fmt::Formatter<'_>, name: &str, ps: &[Predicate]| {
+            write!(f, "{name}(")?;
+            for (i, p) in ps.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{p}")?;
+            }
+            f.write_str(")")
+        };
+        match self {
+            Predicate::Always => f.write_str("always"),
+            Predicate::Feature(feature) => f.write_str(feature.name()),
+            Predicate::AnyHypervisor => f.write_str("hypervisor"),
+            Predicate::Hypervisor(kind) => write!(f, "hypervisor = \"{}\"", kind.name()),
+            Predicate::Not(p) => write!(f, "not({p})"),
+            Predicate::All(ps) => list(f, "all", ps),
+            Predicate::Any(ps) => list(f, "any", ps),
+            Predicate::When(_) => f.write_str("when(fn)"),
+        }
+    }
+}
+
+impl fmt::Debug for Predicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The outcome of selection for one site, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// Index into the site's candidates (0 = default).
+    pub index: usize,
+    /// Why this candidate.
+    pub reason: Reason,
+}
+
+/// Why a candidate was selected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// `ALTPATCH=off` or the `force-unpatched` feature: defaults everywhere.
+    Off,
+    /// `ALTPATCH=site=candidate`.
+    Forced,
+    /// The first candidate whose predicate holds.
+    PredicateHolds,
+    /// No candidate's predicate holds.
+    NoCandidateHolds,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::Off => "patching is off",
+            Reason::Forced => "forced by ALTPATCH",
+            Reason::PredicateHolds => "first candidate whose predicate holds",
+            Reason::NoCandidateHolds => "no candidate's predicate holds",
+        })
+    }
+}
+
+/// Selects the candidate of `site` for `cpu` under `overrides`.
+///
+/// `overrides` must have passed [`Overrides::check_choices`], so a forced name exists.
+pub fn select(site: &SiteDescriptor, cpu: &Cpu, overrides: &Overrides) -> Selection {
+    if overrides.off {
+        return Selection { index: 0, reason: Reason::Off };
+    }
+    if let Some(name) = overrides.choice_for(site.name) {
+        if let Some(index) = site.candidates.iter().position(|c| c.name == name) {
+            return Selection { index, reason: Reason::Forced };
+        }
+    }
+    match site.candidates.iter().skip(1).position(|c| c.predicate.holds(cpu)) {
+        Some(i) => Selection { index: i + 1, reason: Reason::PredicateHolds },
+        None => Selection { index: 0, reason: Reason::NoCandidateHolds },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FeatureSet;
+    use crate::record::Candidate;
+
+    static SUM: SiteDescriptor = SiteDescriptor {
+        name: "demo::sum",
+        file: "demo.rs",
+        line: 1,
+        candidates: &[
+            Candidate { name: "default", predicate: Predicate::Always },
+            Candidate { name: "avx2", predicate: Predicate::All(&[Predicate::Feature(Feature::Avx2), Predicate::Feature(Feature::Bmi2)]) },
+            Candidate { name: "sse4_2", predicate: Predicate::Feature(Feature::Sse4_2) },
+        ],
+    };
+
+    fn cpu(features: &[Feature]) -> Cpu {
+        Cpu::synthetic(features.iter().copied().collect::<FeatureSet>(), None)
+    }
+
+    #[test]
+    fn first_candidate_that_holds_wins() {
+        let all = cpu(&[Feature::Avx2, Feature::Bmi2, Feature::Sse4_2]);
+        let none = Overrides::default();
+        assert_eq!(select(&SUM, &all, &none).index, 1);
+        assert_eq!(select(&SUM, &cpu(&[Feature::Avx2, Feature::Sse4_2]), &none).index, 2);
+        let bare = select(&SUM, &cpu(&[]), &none);
+        assert_eq!((bare.index, bare.reason), (0, Reason::NoCandidateHolds));
+    }
+
+    #[test]
+    fn overrides_come_first() {
+        let all = cpu(&[Feature::Avx2, Feature::Bmi2, Feature::Sse4_2]);
+        let forced = Overrides::parse("sum=sse4_2").unwrap();
+        assert_eq!(select(&SUM, &all, &forced), Selection { index: 2, reason: Reason::Forced });
+        let off = Overrides::parse("off").unwrap();
+        assert_eq!(select(&SUM, &all, &off), Selection { index: 0, reason: Reason::Off });
+    }
+
+    #[test]
+    fn combinators_and_display() {
+        static NOT_AVX: Predicate = Predicate::Not(&Predicate::Feature(Feature::Avx));
+        assert!(NOT_AVX.holds(&cpu(&[])));
+        assert!(!NOT_AVX.holds(&cpu(&[Feature::Avx])));
+        assert!(Predicate::Any(&[Predicate::Feature(Feature::Avx), Predicate::AnyHypervisor]).holds(&cpu(&[Feature::Avx])));
+        assert!(!Predicate::Hypervisor(HypervisorKind::Kvm).holds(&cpu(&[])));
+        assert!(Predicate::When(|| true).holds(&cpu(&[])));
+        assert_eq!(SUM.candidates[1].predicate.to_string(), "all(avx2, bmi2)");
+        assert_eq!(NOT_AVX.to_string(), "not(avx)");
+    }
+}

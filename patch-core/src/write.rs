@@ -1,0 +1,233 @@
+//! Write: put planned bytes into live text, safely while other threads may execute it.
+//!
+//! With other threads running, a batch follows the kernel's `text_poke_bp` protocol, for all its
+//! sites at once:
+//!
+//! | step | write                          | then                 | a thread arriving at the site |
+//! |------|--------------------------------|----------------------|-------------------------------|
+//! | 1    | `int3` over byte 0 of each site | serialize all cores | traps; the handler emulates   |
+//! | 2    | bytes 1..n of each site         | serialize all cores | traps; the handler emulates   |
+//! | 3    | the new byte 0 of each site     | serialize all cores | runs the new bytes            |
+//!
+//! A thread never sees a half-written instruction: until step 3 the first byte is `int3`, and the
+//! SIGTRAP handler moves it to where the new bytes would take it (call, jump, past NOPs) or, for
+//! several inline instructions, waits for step 3 and runs them. A batch costs three serializations
+//! whatever its size. With no other thread, the bytes are written directly.
+
+use std::ops::Range;
+
+use crate::plan::{Plan, Shape};
+
+/// A way to write the program's text: page-protection flipping, `/proc/self/mem`, or a test double.
+pub trait TextWriter: Send {
+    /// Name for the report.
+    fn name(&self) -> &'static str;
+    /// Gets the page range (page-aligned) ready for writes; called once per range, before any write.
+    fn prepare(&mut self, pages: Range<usize>) -> Result<(), String>;
+    /// Writes `bytes` at `addr`, inside a prepared range.
+    fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), String>;
+    /// Ends the batch (restores page protection).
+    fn finish(&mut self) -> Result<(), String>;
+}
+
+/// A site of the batch being written, as the SIGTRAP handler sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ActiveSite {
+    /// Site address.
+    pub addr: usize,
+    /// Site length.
+    pub len: usize,
+    /// What the new bytes do.
+    pub shape: Shape,
+}
+
+/// One site to write: the plan and the bytes it replaces.
+#[derive(Clone, Debug)]
+pub struct SiteWrite {
+    /// New bytes.
+    pub plan: Plan,
+    /// The bytes there now (restored if the batch fails half-way through a site).
+    pub old: Vec<u8>,
+}
+
+/// What a batch did, for the report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Pages written.
+    pub pages: usize,
+    /// Cross-core serializations issued.
+    pub serializations: usize,
+    /// Whether the int3 protocol was used (other threads were running).
+    pub live: bool,
+    /// A problem after the writes (page protection not restored), if any.
+    pub warning: Option<String>,
+}
+
+/// Tries `primary` per page range and falls back to `fallback` where `primary` cannot prepare it.
+pub struct FallbackWriter<A, B> {
+    primary: A,
+    fallback: B,
+    via_fallback: Vec<Range<usize>>,
+}
+
+impl<A: TextWriter, B: TextWriter> FallbackWriter<A, B> {
+    /// Combines two writers.
+    pub fn new(primary: A, fallback: B) -> Self {
+        FallbackWriter { primary, fallback, via_fallback: Vec::new() }
+    }
+}
+
+impl<A: TextWriter, B: TextWriter> TextWriter for FallbackWriter<A, B> {
+    fn name(&self) -> &'static str {
+        if self.via_fallback.is_empty() { self.primary.name() } else { self.fallback.name() }
+    }
+
+    fn prepare(&mut self, pages: Range<usize>) -> Result<(), String> {
+        let first = match self.primary.prepare(pages.clone()) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        self.fallback
+            .prepare(pages.clone())
+            .map(|()| self.via_fallback.push(pages))
+            .map_err(|second| format!("{first}; {second}"))
+    }
+
+    fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), String> {
+        if self.via_fallback.iter().any(|r| r.contains(&addr)) {
+            self.fallback.write(addr, bytes)
+        } else {
+            self.primary.write(addr, bytes)
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        self.via_fallback.clear();
+        let a = self.primary.finish();
+        let b = self.fallback.finish();
+        a.and(b)
+    }
+}
+
+/// The page-aligned ranges covering `sites`, merged where they touch, each with the indices of
+/// the sites inside it.
+fn page_ranges(sites: &[SiteWrite], page: usize) -> Vec<(Range<usize>, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..sites.len()).collect();
+    order.sort_by_key(|&i| sites[i].plan.ip);
+    let mut out: Vec<(Range<usize>, Vec<usize>)> = Vec::new();
+    for i in order {
+        let ip = sites[i].plan.ip as usize;
+        let start = ip & !(page - 1);
+        let end = (ip + sites[i].plan.bytes.len()).next_multiple_of(page);
+        match out.last_mut() {
+            Some((range, members)) if start <= range.end => {
+                range.end = range.end.max(end);
+                members.push(i);
+            }
+            _ => out.push((start..end, vec![i])),
+        }
+    }
+    out
+}
+
+/// Writes a batch; returns one result per site (in order) and the batch's statistics.
+///
+/// The caller holds the patcher lock, so only one batch runs at a time.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub fn write_batch(sites: &[SiteWrite], writer: &mut dyn TextWriter) -> (Vec<Result<(), String>>, BatchStats) {
+    use crate::arch::x86_64::{INT3, serialize_local};
+    use crate::os::linux as os;
+
+    let mut results: Vec<Result<(), String>> = vec![Ok(()); sites.len()];
+    let mut stats = BatchStats::default();
+    for (pages, members) in page_ranges(sites, region::page::size()) {
+        match writer.prepare(pages.clone()) {
+            Ok(()) => stats.pages += pages.len() / region::page::size(),
+            Err(e) => members.iter().for_each(|&i| results[i] = Err(e.clone())),
+        }
+    }
+
+    stats.live = os::thread_count() != Some(1);
+    if stats.live {
+        let ready = os::enable_sync_core().and_then(|()| os::install_trap_handler());
+        if let Err(e) = ready {
+            let why = format!("other threads are running and live patching is unavailable: {e}");
+            results.iter_mut().filter(|r| r.is_ok()).for_each(|r| *r = Err(why.clone()));
+        }
+    }
+    let pending: Vec<usize> = (0..sites.len()).filter(|&i| results[i].is_ok()).collect();
+
+    if !stats.live {
+        for &i in &pending {
+            let plan = &sites[i].plan;
+            results[i] = writer.write(plan.ip as usize, &plan.bytes);
+        }
+        serialize_local();
+    } else if !pending.is_empty() {
+        let _signals = os::SignalsBlocked::new();
+        os::remember_patched(pending.iter().map(|&i| sites[i].plan.ip as usize));
+        let mut active: Vec<ActiveSite> = pending
+            .iter()
+            .map(|&i| ActiveSite { addr: sites[i].plan.ip as usize, len: sites[i].plan.bytes.len(), shape: sites[i].plan.shape })
+            .collect();
+        active.sort_by_key(|s| s.addr);
+        os::publish(&mut active);
+        let sync = |stats: &mut BatchStats| {
+            stats.serializations += 1;
+            // Registration succeeded, so this only fails on a kernel bug; fall back to the local
+            // serialization and keep the protocol's order.
+            if os::sync_all_cores().is_err() {
+                serialize_local();
+            }
+        };
+
+        // Step 1: int3 over byte 0. A failure leaves that site untouched.
+        for &i in &pending {
+            results[i] = writer.write(sites[i].plan.ip as usize, &[INT3]);
+        }
+        sync(&mut stats);
+        // Step 2: the rest of each site. On failure, put the old bytes back behind the int3.
+        for &i in &pending {
+            let (plan, old) = (&sites[i].plan, &sites[i].old);
+            if results[i].is_ok() && plan.bytes.len() > 1 {
+                if let Err(e) = writer.write(plan.ip as usize + 1, &plan.bytes[1..]) {
+                    let restored = writer.write(plan.ip as usize + 1, &old[1..]);
+                    results[i] = Err(match restored {
+                        Ok(()) => e,
+                        Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
+                    });
+                }
+            }
+        }
+        sync(&mut stats);
+        // Step 3: the new first byte (or the old one where step 2 failed).
+        for &i in &pending {
+            let (plan, old) = (&sites[i].plan, &sites[i].old);
+            let first = if results[i].is_ok() { plan.bytes[0] } else { old[0] };
+            if let Err(e) = writer.write(plan.ip as usize, &[first]) {
+                results[i] = Err(e);
+            }
+        }
+        sync(&mut stats);
+        os::withdraw();
+    }
+    stats.warning = writer.finish().err();
+    (results, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(ip: u64, len: usize) -> SiteWrite {
+        let plan = Plan { ip, bytes: vec![0x90; len], shape: Shape::Nop };
+        SiteWrite { plan, old: vec![0x90; len] }
+    }
+
+    #[test]
+    fn sites_are_grouped_by_page_range() {
+        let sites = [site(0x1ffe, 5), site(0x1000, 5), site(0x5000, 5), site(0x2100, 2)];
+        let ranges = page_ranges(&sites, 0x1000);
+        assert_eq!(ranges, vec![(0x1000..0x3000, vec![1, 0, 3]), (0x5000..0x6000, vec![2])]);
+    }
+}

@@ -1,0 +1,78 @@
+//! The assembly a site emits: the site itself, its record in `altpatch_sites` and its candidate
+//! table and blocks in `altpatch_repl`. The layout must match `patch_core::record`.
+//!
+//! Numeric local labels keep every inlined copy of the site distinct:
+//!
+//! | label            | where           | marks                                     |
+//! |------------------|-----------------|-------------------------------------------|
+//! | 6500 / 6599      | `.text`         | site start / end                          |
+//! | 6600 + k         | `.text`         | after the padding that fits candidate k   |
+//! | 6700             | `altpatch_repl` | the candidate table                       |
+//! | 7000+2k, 7001+2k | `altpatch_repl` | candidate k's block start / end (0 = default) |
+
+/// `SiteKind::CallSite` in patch-core.
+pub const KIND_CALL_SITE: u8 = 1;
+/// `RECORD_VERSION` in patch-core.
+const RECORD_VERSION: u8 = 1;
+
+/// One candidate's instructions.
+pub enum Block {
+    /// `call` to the `sym` operand with this name.
+    Call(String),
+    /// Instructions, one per line.
+    Asm(Vec<String>),
+    /// No instructions.
+    Nop,
+}
+
+impl Block {
+    fn lines(&self) -> Vec<String> {
+        match self {
+            Block::Call(operand) => vec![format!("call {{{operand}}}")],
+            Block::Asm(lines) => lines.clone(),
+            Block::Nop => Vec::new(),
+        }
+    }
+}
+
+fn start(k: usize) -> usize {
+    7000 + 2 * k
+}
+
+/// The template of a call site whose default is `blocks[0]`; `{desc}` and `{kind}` are operands.
+pub fn call_site(blocks: &[Block]) -> String {
+    let mut s = Vec::new();
+    s.push("6500:".to_string());
+    s.extend(blocks[0].lines());
+    // Pad, at build time, to the longest candidate (the kernel's `.skip -(x > 0) * x` trick: the
+    // assembler's `>` yields -1 for true).
+    s.push("6600:".to_string());
+    for k in 1..blocks.len() {
+        let want = format!("({}f - {}f)", start(k) + 1, start(k));
+        let have = format!("({}b - 6500b)", 6600 + k - 1);
+        s.push(format!(".skip -(({want} - {have}) > 0) * ({want} - {have}), 0x90"));
+        s.push(format!("{}:", 6600 + k));
+    }
+    s.push("6599:".to_string());
+    s.push(".pushsection altpatch_sites,\"aR\"".into());
+    s.push(".balign 4".into());
+    s.push(".long 6500b - .".into());
+    s.push(".long {desc} - .".into());
+    s.push(".long 6700f - .".into());
+    s.push(format!(".byte 6599b - 6500b, {{kind}}, {}, {RECORD_VERSION}", blocks.len()));
+    s.push(".popsection".into());
+    s.push(".pushsection altpatch_repl,\"aR\"".into());
+    s.push(".balign 4".into());
+    s.push("6700:".into());
+    for k in 0..blocks.len() {
+        s.push(format!(".long {}f - .", start(k)));
+        s.push(format!(".byte {}f - {}f, 0, 0, 0", start(k) + 1, start(k)));
+    }
+    for (k, block) in blocks.iter().enumerate() {
+        s.push(format!("{}:", start(k)));
+        s.extend(block.lines());
+        s.push(format!("{}:", start(k) + 1));
+    }
+    s.push(".popsection".into());
+    s.join("\n")
+}

@@ -1,0 +1,403 @@
+//! Procedural macros of `altpatch`. Use them through the `altpatch` crate, which documents them;
+//! this crate only parses and generates, reaching runtime items through `::altpatch::__private`.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Error, FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Token, Type, parenthesized};
+
+mod asm;
+
+/// See `altpatch::alternative`.
+#[proc_macro_attribute]
+pub fn alternative(args: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(args as Args);
+    let func = syn::parse_macro_input!(item as ItemFn);
+    expand(args, func).unwrap_or_else(Error::into_compile_error).into()
+}
+
+/// `inline, name: predicate => target, ...`
+struct Args {
+    inline: Option<Span>,
+    candidates: Vec<CandidateArg>,
+}
+
+struct CandidateArg {
+    name: String,
+    span: Span,
+    predicate: PredicateArg,
+    target: Target,
+}
+
+enum PredicateArg {
+    Feature(Ident),
+    AnyHypervisor,
+    Hypervisor(LitStr),
+    When(Path),
+    Not(Box<PredicateArg>),
+    All(Vec<PredicateArg>),
+    Any(Vec<PredicateArg>),
+}
+
+enum Target {
+    /// A function with the same signature, reached by a direct `call`.
+    Call(Path),
+    /// Instructions to run inline at every call site.
+    Asm(Vec<LitStr>),
+    /// Nothing: the site becomes NOPs.
+    Nop,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut inline = None;
+        let mut candidates = Vec::new();
+        while !input.is_empty() {
+            if input.peek(Ident) && input.peek2(Token![,]) || input.peek(Ident) && input.peek2(syn::parse::End) {
+                let fork = input.fork();
+                let word: Ident = fork.parse()?;
+                if word == "inline" {
+                    input.parse::<Ident>()?;
+                    inline = Some(word.span());
+                    if !input.is_empty() {
+                        input.parse::<Token![,]>()?;
+                    }
+                    continue;
+                }
+            }
+            candidates.push(input.parse()?);
+            if !input.is_empty() {
+                input.parse::<Token![,]>()?;
+            }
+        }
+        Ok(Args { inline, candidates })
+    }
+}
+
+impl Parse for CandidateArg {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let span = input.span();
+        let explicit = if input.peek(Ident) && input.peek2(Token![:]) && !input.peek2(Token![::]) {
+            let name: Ident = input.parse()?;
+            input.parse::<Token![:]>()?;
+            Some(name.to_string())
+        } else {
+            None
+        };
+        let predicate: PredicateArg = input.parse()?;
+        input.parse::<Token![=>]>()?;
+        let target: Target = input.parse()?;
+        let name = match (explicit, &predicate, &target) {
+            (Some(name), _, _) => name,
+            (None, PredicateArg::Feature(f), _) => f.to_string(),
+            (None, PredicateArg::Hypervisor(kind), _) => kind.value(),
+            (None, _, Target::Call(path)) => path.segments.last().map(|s| s.ident.to_string()).unwrap_or_default(),
+            (None, _, _) => {
+                return Err(Error::new(
+                    span,
+                    "name this candidate: write `name: predicate => target`, e.g. `fast: all(avx2, bmi2) => asm(\"...\")`",
+                ));
+            }
+        };
+        Ok(CandidateArg { name, span, predicate, target })
+    }
+}
+
+impl Parse for PredicateArg {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let word: Ident = input.parse()?;
+        let list = |input: ParseStream<'_>| -> syn::Result<Vec<PredicateArg>> {
+            let content;
+            parenthesized!(content in input);
+            Ok(Punctuated::<PredicateArg, Token![,]>::parse_terminated(&content)?.into_iter().collect())
+        };
+        match word.to_string().as_str() {
+            "all" if input.peek(syn::token::Paren) => Ok(PredicateArg::All(list(input)?)),
+            "any" if input.peek(syn::token::Paren) => Ok(PredicateArg::Any(list(input)?)),
+            "not" if input.peek(syn::token::Paren) => {
+                let mut inner = list(input)?;
+                if inner.len() != 1 {
+                    return Err(Error::new(word.span(), "`not(...)` takes exactly one predicate"));
+                }
+                Ok(PredicateArg::Not(Box::new(inner.remove(0))))
+            }
+            "hypervisor" if input.peek(Token![=]) => {
+                input.parse::<Token![=]>()?;
+                Ok(PredicateArg::Hypervisor(input.parse()?))
+            }
+            "hypervisor" => Ok(PredicateArg::AnyHypervisor),
+            "when" => {
+                input.parse::<Token![=]>()?;
+                Ok(PredicateArg::When(input.parse()?))
+            }
+            _ => Ok(PredicateArg::Feature(word)),
+        }
+    }
+}
+
+impl Parse for Target {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.peek(Ident) && input.peek2(syn::token::Paren) {
+            let fork = input.fork();
+            if fork.parse::<Ident>()? == "asm" {
+                input.parse::<Ident>()?;
+                let content;
+                parenthesized!(content in input);
+                let lines = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
+                return Ok(Target::Asm(lines.into_iter().collect()));
+            }
+        }
+        if input.peek(Ident) && (input.peek2(Token![,]) || input.peek2(syn::parse::End)) {
+            let fork = input.fork();
+            if fork.parse::<Ident>()? == "nop" {
+                input.parse::<Ident>()?;
+                return Ok(Target::Nop);
+            }
+        }
+        Ok(Target::Call(input.parse()?))
+    }
+}
+
+impl PredicateArg {
+    fn to_tokens(&self) -> TokenStream2 {
+        let p = quote!(::altpatch::__private::Predicate);
+        match self {
+            PredicateArg::Feature(ident) => {
+                let name = ident.to_string();
+                let message = format!(
+                    "altpatch: unknown CPU feature `{name}`; the names are those of altpatch::Feature, e.g. avx2, sse4_2, popcnt, bmi2"
+                );
+                quote_spanned! {ident.span()=>
+                    #p::Feature(match ::altpatch::__private::Feature::from_name_const(#name) {
+                        ::core::option::Option::Some(f) => f,
+                        ::core::option::Option::None => ::core::panic!(#message),
+                    })
+                }
+            }
+            PredicateArg::AnyHypervisor => quote!(#p::AnyHypervisor),
+            PredicateArg::Hypervisor(kind) => {
+                let message = format!(
+                    "altpatch: unknown hypervisor `{}`; expected kvm, xen, vmware, hyperv, bhyve, qemu, acrn or other",
+                    kind.value()
+                );
+                quote_spanned! {kind.span()=>
+                    #p::Hypervisor(match ::altpatch::__private::HypervisorKind::from_name_const(#kind) {
+                        ::core::option::Option::Some(k) => k,
+                        ::core::option::Option::None => ::core::panic!(#message),
+                    })
+                }
+            }
+            PredicateArg::When(path) => quote!(#p::When(#path)),
+            PredicateArg::Not(inner) => {
+                let inner = inner.to_tokens();
+                quote!(#p::Not(&#inner))
+            }
+            PredicateArg::All(list) | PredicateArg::Any(list) => {
+                let items = list.iter().map(PredicateArg::to_tokens);
+                let variant = if matches!(self, PredicateArg::All(_)) { quote!(All) } else { quote!(Any) };
+                quote!(#p::#variant(&[#(#items),*]))
+            }
+        }
+    }
+}
+
+/// How one argument or the return value travels in the C ABI.
+#[derive(Clone, Copy, PartialEq)]
+enum Class {
+    /// Integers, `bool`, raw pointers: a general-purpose register, widened to 64 bits.
+    Int,
+    /// `f32`/`f64`: an SSE register.
+    Float,
+}
+
+fn classify(ty: &Type) -> Option<Class> {
+    match ty {
+        Type::Ptr(_) => Some(Class::Int),
+        Type::Path(p) if p.qself.is_none() => {
+            let name = p.path.get_ident()?.to_string();
+            match name.as_str() {
+                "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" | "bool" => {
+                    Some(Class::Int)
+                }
+                "f32" | "f64" => Some(Class::Float),
+                _ => None,
+            }
+        }
+        Type::Paren(inner) => classify(&inner.elem),
+        _ => None,
+    }
+}
+
+const INT_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
+const FLOAT_REGS: [&str; 8] = ["xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7"];
+
+const UNSUPPORTED_SIGNATURE: &str = "#[alternative(inline)] needs a signature that fits the C ABI in registers: up to six \
+     integer, bool or raw-pointer arguments and up to eight f32/f64, returning one of those or (); \
+     remove `inline` to use a trampoline";
+
+fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
+    let sig = &func.sig;
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new(
+            sig.generics.span(),
+            "#[alternative] cannot patch a generic function: each instantiation would need its own site; \
+             write a non-generic wrapper and put #[alternative] on it",
+        ));
+    }
+    if let Some(a) = &sig.asyncness {
+        return Err(Error::new(a.span(), "#[alternative] cannot patch an `async fn`; patch the synchronous function it awaits"));
+    }
+    if args.inline.is_none() {
+        return Err(Error::new(
+            Span::call_site(),
+            "#[alternative] without `inline` (trampoline mode) is not available yet; write #[alternative(inline, ...)]",
+        ));
+    }
+    let mut names = vec!["default".to_string()];
+    for c in &args.candidates {
+        if names.contains(&c.name) {
+            return Err(Error::new(c.span, format!("two candidates are named `{}`; name one with `other_name: predicate => target`", c.name)));
+        }
+        names.push(c.name.clone());
+    }
+
+    // Arguments → registers.
+    let (mut ints, mut floats) = (0, 0);
+    let mut params = Vec::new(); // (ident, type, register, class)
+    for input in &sig.inputs {
+        let FnArg::Typed(pt) = input else {
+            return Err(Error::new(input.span(), "#[alternative(inline)] does not support methods; use it on a free function"));
+        };
+        let Pat::Ident(pi) = &*pt.pat else {
+            return Err(Error::new(pt.pat.span(), "#[alternative(inline)] needs plain identifiers as argument patterns"));
+        };
+        let class = classify(&pt.ty).ok_or_else(|| Error::new(pt.ty.span(), UNSUPPORTED_SIGNATURE))?;
+        let reg = match class {
+            Class::Int => INT_REGS.get(ints).inspect(|_| ints += 1),
+            Class::Float => FLOAT_REGS.get(floats).inspect(|_| floats += 1),
+        }
+        .ok_or_else(|| Error::new(pt.span(), UNSUPPORTED_SIGNATURE))?;
+        params.push((pi.ident.clone(), (*pt.ty).clone(), *reg, class));
+    }
+    let ret = match &sig.output {
+        ReturnType::Default => None,
+        ReturnType::Type(_, ty) if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) => None,
+        ReturnType::Type(_, ty) => {
+            Some(((**ty).clone(), classify(ty).ok_or_else(|| Error::new(ty.span(), UNSUPPORTED_SIGNATURE))?))
+        }
+    };
+    for c in &args.candidates {
+        if matches!(c.target, Target::Nop) && ret.is_some() {
+            return Err(Error::new(c.span, "a `nop` candidate leaves no return value: only a function returning () can have one"));
+        }
+    }
+
+    let vis = &func.vis;
+    let attrs = &func.attrs;
+    let block = &func.block;
+    let fn_name = &sig.ident;
+    let inputs = &sig.inputs;
+    let output = &sig.output;
+    let unsafety = &sig.unsafety;
+    let arg_names: Vec<&Ident> = params.iter().map(|p| &p.0).collect();
+    let arg_types: Vec<&Type> = params.iter().map(|p| &p.1).collect();
+
+    // Shims: the default body, and one `extern "sysv64"` wrapper per call candidate, so every
+    // target has the C ABI the site's registers follow.
+    let default_fn = format_ident!("__altpatch_default");
+    let mut shims = vec![quote! {
+        #[allow(improper_ctypes_definitions)]
+        #unsafety extern "sysv64" fn #default_fn(#inputs) #output #block
+    }];
+    let mut syms = vec![(default_fn.clone(), quote!(#default_fn))];
+    let mut blocks = vec![asm::Block::Call("d0".into())];
+    for (i, c) in args.candidates.iter().enumerate() {
+        blocks.push(match &c.target {
+            Target::Call(path) => {
+                let shim = format_ident!("__altpatch_candidate_{}", i + 1);
+                let call = if unsafety.is_some() { quote!(unsafe { #path(#(#arg_names),*) }) } else { quote!(#path(#(#arg_names),*)) };
+                shims.push(quote_spanned! {path.span()=>
+                    #[allow(improper_ctypes_definitions)]
+                    #unsafety extern "sysv64" fn #shim(#(#arg_names: #arg_types),*) #output {
+                        // A candidate with another signature is a type error here.
+                        #call
+                    }
+                });
+                let operand = format!("d{}", i + 1);
+                syms.push((format_ident!("d{}", i + 1), quote!(#shim)));
+                asm::Block::Call(operand)
+            }
+            Target::Asm(lines) => asm::Block::Asm(lines.iter().map(LitStr::value).collect()),
+            Target::Nop => asm::Block::Nop,
+        });
+    }
+    let template = asm::call_site(&blocks);
+    let sym_operands = syms.iter().enumerate().map(|(i, (_, path))| {
+        let name = format_ident!("d{}", i);
+        quote!(#name = sym #path)
+    });
+    let candidate_names = names.iter();
+    let predicates = std::iter::once(quote!(::altpatch::__private::Predicate::Always))
+        .chain(args.candidates.iter().map(|c| c.predicate.to_tokens()));
+
+    let in_operands = params.iter().map(|(ident, _, reg, class)| match class {
+        Class::Int => quote!(in(#reg) (#ident as u64)),
+        Class::Float => quote!(in(#reg) #ident),
+    });
+    let (out_operand, ret_value) = match &ret {
+        None => (quote!(), quote!(())),
+        Some((ty, Class::Int)) if quote!(#ty).to_string() == "bool" => {
+            (quote!(lateout("rax") __altpatch_ret,), quote!((__altpatch_ret as u8) != 0))
+        }
+        Some((ty, Class::Int)) => (quote!(lateout("rax") __altpatch_ret,), quote!(__altpatch_ret as #ty)),
+        Some((_, Class::Float)) => (quote!(lateout("xmm0") __altpatch_ret,), quote!(__altpatch_ret)),
+    };
+    let ret_decl = match &ret {
+        None => quote!(),
+        Some((_, Class::Int)) => quote!(let __altpatch_ret: u64;),
+        Some((ty, Class::Float)) => quote!(let __altpatch_ret: #ty;),
+    };
+    let kind = asm::KIND_CALL_SITE;
+    let unsafe_call = if unsafety.is_some() { quote!(unsafe) } else { quote!() };
+
+    Ok(quote! {
+        #(#attrs)*
+        #[inline(always)]
+        #vis #unsafety fn #fn_name(#inputs) #output {
+            #(#shims)*
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                static __ALTPATCH_SITE: ::altpatch::__private::SiteDescriptor = ::altpatch::__private::SiteDescriptor {
+                    name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#fn_name)),
+                    file: ::core::file!(),
+                    line: ::core::line!(),
+                    candidates: &[#(::altpatch::__private::Candidate { name: #candidate_names, predicate: #predicates }),*],
+                };
+                #ret_decl
+                // SAFETY: the site calls an `extern "sysv64"` function with exactly these argument
+                // registers, or runs the instructions a candidate gave for the same registers;
+                // every caller-saved register is declared clobbered, and the stack is aligned for a
+                // call on entry to an asm block (no `nostack`).
+                unsafe {
+                    ::core::arch::asm!(
+                        #template,
+                        #(#sym_operands,)*
+                        desc = sym __ALTPATCH_SITE,
+                        kind = const #kind,
+                        #(#in_operands,)*
+                        #out_operand
+                        clobber_abi("C"),
+                    );
+                }
+                #ret_value
+            }
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            {
+                #unsafe_call { #default_fn(#(#arg_names),*) }
+            }
+        }
+    })
+}

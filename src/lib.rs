@@ -1,0 +1,102 @@
+//! # altpatch: x86 alternatives for userland Rust
+//!
+//! Mark hot code with [`alternative`]; call [`apply_patches()`] once at startup. altpatch inspects
+//! the machine (CPUID features, hypervisor, `ALTPATCH` overrides) and rewrites the program's own
+//! machine code so each site runs the best variant at the cost of native code: a direct `call`, the
+//! variant's instructions inline, or NOPs. No function-pointer load, no branch per call.
+//!
+//! ```
+//! #[altpatch::alternative(inline, popcnt => asm("popcnt rax, rdi"))]
+//! pub fn popcount(x: u64) -> u64 {
+//!     // The portable default, run until (and unless) the site is patched.
+//!     let mut n = 0;
+//!     let mut v = x;
+//!     while v != 0 {
+//!         v &= v - 1;
+//!         n += 1;
+//!     }
+//!     n
+//! }
+//!
+//! let report = altpatch::apply_patches();
+//! assert_eq!(popcount(0b1011), 3);
+//! println!("{report}");
+//! ```
+//!
+//! ## How it works
+//!
+//! Each call of `popcount` above is compiled to a *site*: `call <default>` padded at build time
+//! to the longest candidate, plus a record in the `altpatch_sites` linker section. On a CPU with
+//! POPCNT, `apply_patches()` turns
+//!
+//! ```text
+//! e8 xx xx xx xx    call popcount::__altpatch_default
+//! 90                nop
+//! ```
+//! into
+//! ```text
+//! f3 48 0f b8 c7    popcnt rax, rdi
+//! 90                nop
+//! ```
+//! after checking (with iced-x86) that the bytes there are exactly what the record promises.
+//! Relative operands are relocated, tails are filled with the longest NOP, and while other threads
+//! run, the write follows the kernel's int3 + core-serialization protocol. See `ARCHITECTURE.md`.
+//!
+//! ## Overrides
+//!
+//! `ALTPATCH` (or [`Patcher`]) changes the choice, for tests and operations:
+//! `ALTPATCH=off`, `ALTPATCH=popcount=default`, `ALTPATCH=cpu=-avx2-bmi2`. A malformed value is an
+//! error naming the valid choices ([`try_apply_patches`]), shown in the report, never a panic.
+//! `ALTPATCH_LOG=1` prints the report to stderr when [`apply_patches()`] runs.
+
+pub use patch_core::cpu::{Cpu, CpuidSource, FakeCpuid, Hypervisor, HypervisorKind, KvmFeatures};
+pub use patch_core::overrides::{OverrideError, Overrides};
+pub use patch_core::plan::Shape;
+pub use patch_core::record::SiteKind;
+pub use patch_core::write::TextWriter;
+pub use patch_core::{Feature, FeatureSet, How, Patcher, Report, SiteReport};
+pub use patch_core::{applied_report, apply_patches, try_apply_patches};
+
+/// Makes a function patchable: its body is the portable default, the listed candidates are
+/// chosen at startup by [`apply_patches()`].
+///
+/// ```
+/// fn popcount_hw(x: u64) -> u64 {
+///     x.count_ones() as u64
+/// }
+///
+/// #[altpatch::alternative(inline, popcnt => popcount_hw, sse4_2 => asm("popcnt rax, rdi"))]
+/// fn popcount(x: u64) -> u64 {
+///     (0..64).filter(|i| x >> i & 1 == 1).count() as u64
+/// }
+///
+/// altpatch::apply_patches();
+/// assert_eq!(popcount(u64::MAX), 64);
+/// ```
+///
+/// `inline` (call-site mode) makes every inlined call a patch site. Its signature must fit the C
+/// ABI in registers: up to six integer, `bool` or raw-pointer arguments (in `rdi`, `rsi`, `rdx`,
+/// `rcx`, `r8`, `r9`) and up to eight `f32`/`f64` (in `xmm0`..), returning one of those (in `rax`
+/// or `xmm0`) or `()`.
+///
+/// Candidates, tried in order (the first whose predicate holds wins; the default always holds):
+///
+/// * `predicate => path`: a direct `call` to a function with the same signature;
+/// * `predicate => asm("instr", ...)`: instructions copied into each call site, using the ABI
+///   registers above and free to clobber any caller-saved register;
+/// * `predicate => nop`: nothing at all (for functions returning `()`).
+///
+/// Predicates: a feature name ([`Feature`]: `avx2`, `sse4_2`, `popcnt`, ...), `all(..)`,
+/// `any(..)`, `not(..)`, `hypervisor` (any), `hypervisor = "kvm"`, `when = path::to::fn` (a
+/// `fn() -> bool`). A candidate is named after its predicate when that is one word, else after
+/// its function; name any other `name: predicate => target`. Names are what `ALTPATCH=site=name`
+/// and the report use.
+pub use patch_macros::alternative;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use patch_core::Feature;
+    pub use patch_core::cpu::HypervisorKind;
+    pub use patch_core::record::{Candidate, SiteDescriptor};
+    pub use patch_core::select::Predicate;
+}
