@@ -97,6 +97,14 @@ pub use patch_macros::alternative;
 pub mod __private {
     pub use patch_core::Feature;
     pub use patch_core::cpu::HypervisorKind;
-    pub use patch_core::record::{Candidate, SiteDescriptor};
+    pub use patch_core::record::{Candidate, SiteDescriptor, records};
     pub use patch_core::select::Predicate;
+
+    /// Traps the live protocol's handler took (0 off x86_64 Linux).
+    pub fn traps_handled() -> usize {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        return patch_core::os::linux::traps_handled();
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        return 0;
+    }
 }

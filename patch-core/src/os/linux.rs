@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};
 
 use crate::arch::x86_64::{self as arch, Resume};
@@ -297,12 +297,14 @@ unsafe fn handle_int3(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool
     };
     IN_FLIGHT.fetch_sub(1, SeqCst);
     if handled {
+        TRAPS_HANDLED.fetch_add(1, SeqCst);
         return true;
     }
     // A trap that raced with the end of its batch: the int3 is gone, run the site again.
     // SAFETY: `site` is a patched site start (checked first), mapped and readable.
     if was_patched(site) && unsafe { core::ptr::read_volatile(site as *const u8) } != arch::INT3 {
         gregs[libc::REG_RIP as usize] = site as i64;
+        TRAPS_HANDLED.fetch_add(1, SeqCst);
         return true;
     }
     false
@@ -349,10 +351,9 @@ unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_
     }
 }
 
-/// Whether a live batch is being written (for tests and assertions).
-pub fn batch_active() -> bool {
-    !ACTIVE.load(SeqCst).is_null()
-}
+static TRAPS_HANDLED: AtomicUsize = AtomicUsize::new(0);
 
-/// Set once any live batch ran; lets `apply` report whether the handler is installed.
-pub static LIVE_USED: AtomicBool = AtomicBool::new(false);
+/// How many times a thread trapped on a site being patched and was moved on by the handler.
+pub fn traps_handled() -> usize {
+    TRAPS_HANDLED.load(SeqCst)
+}

@@ -1,0 +1,84 @@
+//! Sites shared by the integration tests. Each candidate returns something different, so a
+//! result tells which candidate ran.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use altpatch::{Cpu, Feature, FeatureSet, SiteReport};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+
+pub fn mix_avx2(x: u64) -> u64 {
+    x.wrapping_mul(3).wrapping_add(2)
+}
+
+/// A 3-way site: default `3x`, `avx2` calls `mix_avx2` (`3x + 2`), `bmi2` runs `lea` inline
+/// (`3x + 1`).
+#[altpatch::alternative(inline, avx2 => mix_avx2, bmi2 => asm("lea rax, [rdi + rdi*2 + 1]"))]
+pub fn mix(x: u64) -> u64 {
+    x.wrapping_mul(3)
+}
+
+/// What `mix(x)` returns under each candidate.
+pub fn mix_expected(candidate: &str, x: u64) -> u64 {
+    match candidate {
+        "default" => x.wrapping_mul(3),
+        "avx2" => x.wrapping_mul(3).wrapping_add(2),
+        "bmi2" => x.wrapping_mul(3).wrapping_add(1),
+        other => panic!("mix has no candidate {other}"),
+    }
+}
+
+pub static HOOK_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// A hook that becomes NOPs wherever `avx2` holds.
+#[altpatch::alternative(inline, avx2 => nop)]
+pub fn hook(x: u64) {
+    HOOK_TOTAL.fetch_add(x, Ordering::SeqCst);
+}
+
+/// Tests in one binary share the program text: those that patch take this lock.
+pub fn patch_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn cpu_with(features: &[Feature]) -> Cpu {
+    Cpu::synthetic(features.iter().copied().collect::<FeatureSet>(), None)
+}
+
+/// The instructions at a site now, read back from the running program's text.
+pub fn decode_site(site: &SiteReport) -> Vec<Instruction> {
+    // SAFETY: the report's address and length describe a site in this program's mapped text.
+    let bytes = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
+    let mut decoder = Decoder::with_ip(64, bytes, site.addr as u64, DecoderOptions::NONE);
+    let instrs: Vec<Instruction> = decoder.iter().collect();
+    assert!(instrs.iter().all(|i| !i.is_invalid()), "{} decodes: {bytes:02x?}", site.name);
+    instrs
+}
+
+/// Where the record's block for `candidate` calls, relocated: what a patched site must call.
+pub fn candidate_call_target(site: &SiteReport, candidate: &str) -> u64 {
+    let index = site.candidates.iter().position(|c| *c == candidate).expect("candidate exists");
+    let record = altpatch::__private::records()
+        .iter()
+        .find(|r| r.site_addr() == site.addr)
+        .expect("the report's site has a record");
+    let (bytes, ip) = record.replacement(index).expect("block exists");
+    let call = Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE).decode();
+    assert_eq!(call.mnemonic(), Mnemonic::Call, "{candidate} of {} is a call", site.name);
+    call.near_branch_target()
+}
+
+/// Everything after the first `n` instructions is NOPs (or the jmp-over-int3 filler).
+pub fn rest_is_filler(instrs: &[Instruction], n: usize) -> bool {
+    let mut i = n;
+    while i < instrs.len() {
+        match instrs[i].mnemonic() {
+            Mnemonic::Nop => i += 1,
+            Mnemonic::Jmp => return true, // filler jumps over int3 to the site end
+            _ => return false,
+        }
+    }
+    true
+}

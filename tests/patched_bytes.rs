@@ -1,0 +1,69 @@
+//! After apply, each site's bytes, read back and decoded, are the chosen candidate: a direct
+//! `call` to it, its inline instructions, or NOPs; and the function returns that candidate's
+//! result.
+
+mod common;
+
+use altpatch::{Feature, How, Patcher};
+use common::*;
+use iced_x86::Mnemonic;
+use std::hint::black_box;
+
+#[test]
+fn every_candidate_of_a_three_way_site_through_a_faked_cpu() {
+    let _lock = patch_lock();
+    let cases: [(&[Feature], &str); 4] = [
+        (&[Feature::Avx2, Feature::Bmi2], "avx2"), // first that holds wins
+        (&[Feature::Bmi2], "bmi2"),
+        (&[], "default"),
+        (&[Feature::Avx2], "avx2"),
+    ];
+    for (features, expected) in cases {
+        let report = Patcher::new().cpu(cpu_with(features)).apply();
+        let x = black_box(41);
+        assert_eq!(mix(x), mix_expected(expected, x), "{features:?}");
+        let copies: Vec<_> = report.site("mix").collect();
+        assert!(!copies.is_empty(), "{report}");
+        for site in copies {
+            assert_eq!(site.chosen, expected, "{report}");
+            let instrs = decode_site(site);
+            match expected {
+                "avx2" | "default" => {
+                    assert_eq!(instrs[0].mnemonic(), Mnemonic::Call);
+                    assert_eq!(instrs[0].near_branch_target(), candidate_call_target(site, expected));
+                    assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
+                }
+                "bmi2" => {
+                    assert_eq!(site.how, How::Inline);
+                    assert_eq!(instrs[0].mnemonic(), Mnemonic::Lea);
+                    assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_nop_candidate_leaves_only_nops() {
+    let _lock = patch_lock();
+    let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
+    let before = HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst);
+    hook(black_box(5));
+    assert_eq!(HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst), before, "the hook ran after being NOP'd");
+    for site in report.site("hook") {
+        assert_eq!(site.how, How::Nop);
+        let instrs = decode_site(site);
+        assert!(instrs.iter().all(|i| i.mnemonic() == Mnemonic::Nop), "{instrs:?}");
+        assert_eq!(instrs.iter().map(|i| i.len()).sum::<usize>(), site.len);
+        assert_eq!(instrs.len(), 1, "a 5-byte site is one 5-byte NOP");
+    }
+    // And back: the default call is restored.
+    let report = Patcher::new().cpu(cpu_with(&[])).apply();
+    hook(black_box(5));
+    assert_eq!(HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst), before + 5);
+    for site in report.site("hook") {
+        let instrs = decode_site(site);
+        assert_eq!(instrs[0].near_branch_target(), candidate_call_target(site, "default"));
+    }
+}
