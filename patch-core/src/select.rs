@@ -29,8 +29,8 @@ pub enum Predicate {
     All(&'static [Predicate]),
     /// At least one inner predicate holds.
     Any(&'static [Predicate]),
-    /// A user function decides (called once, at selection).
-    When(fn() -> bool),
+    /// A user function decides (called at each selection); the name is for reports.
+    When(&'static str, fn() -> bool),
 }
 
 impl Predicate {
@@ -44,7 +44,7 @@ impl Predicate {
             Predicate::Not(p) => !p.holds(cpu),
             Predicate::All(ps) => ps.iter().all(|p| p.holds(cpu)),
             Predicate::Any(ps) => ps.iter().any(|p| p.holds(cpu)),
-            Predicate::When(f) => f(),
+            Predicate::When(_, f) => f(),
         }
     }
 }
@@ -70,7 +70,7 @@ impl fmt::Display for Predicate {
             Predicate::Not(p) => write!(f, "not({p})"),
             Predicate::All(ps) => list(f, "all", ps),
             Predicate::Any(ps) => list(f, "any", ps),
-            Predicate::When(_) => f.write_str("when(fn)"),
+            Predicate::When(name, _) => write!(f, "when = {name}"),
         }
     }
 }
@@ -179,7 +179,8 @@ mod tests {
         assert!(!NOT_AVX.holds(&cpu(&[Feature::Avx])));
         assert!(Predicate::Any(&[Predicate::Feature(Feature::Avx), Predicate::AnyHypervisor]).holds(&cpu(&[Feature::Avx])));
         assert!(!Predicate::Hypervisor(HypervisorKind::Kvm).holds(&cpu(&[])));
-        assert!(Predicate::When(|| true).holds(&cpu(&[])));
+        assert!(Predicate::When("yes", || true).holds(&cpu(&[])));
+        assert_eq!(Predicate::When("yes", || true).to_string(), "when = yes");
         assert_eq!(SUM.candidates[1].predicate.to_string(), "all(avx2, bmi2)");
         assert_eq!(NOT_AVX.to_string(), "not(avx)");
     }

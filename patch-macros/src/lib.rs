@@ -190,7 +190,10 @@ impl PredicateArg {
                     })
                 }
             }
-            PredicateArg::When(path) => quote!(#p::When(#path)),
+            PredicateArg::When(path) => {
+                let name = quote!(#path).to_string().replace(' ', "");
+                quote!(#p::When(#name, #path))
+            }
             PredicateArg::Not(inner) => {
                 let inner = inner.to_tokens();
                 quote!(#p::Not(&#inner))
