@@ -37,7 +37,9 @@ fn crc32c_u64(crc: u64, data: u64) -> u64 {
 }
 
 fn checksum(words: &[u64]) -> u32 {
-    !words.iter().fold(u64::from(u32::MAX), |crc, &w| crc32c_u64(crc, w)) as u32
+    !words
+        .iter()
+        .fold(u64::from(u32::MAX), |crc, &w| crc32c_u64(crc, w)) as u32
 }
 
 /// High half of a 64x64-bit product: one `mul` (or `mulx`) where BMI2 is present, reached by a
@@ -80,10 +82,15 @@ fn main() {
     // The results are the same whichever candidate runs.
     let x = black_box(0xf0f0_1234_5678_9abc_u64);
     assert_eq!(popcount(x), u64::from(x.count_ones()));
-    let words: Vec<u64> = (0..1000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let words: Vec<u64> = (0..1000u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
     let sum = checksum(black_box(&words));
     assert_eq!(sum, crc32c_reference(&words));
-    let (a, b) = (black_box(u64::MAX - 12345), black_box(0x1234_5678_9abc_def0));
+    let (a, b) = (
+        black_box(u64::MAX - 12345),
+        black_box(0x1234_5678_9abc_def0),
+    );
     assert_eq!(mul_high(a, b), mul_high_bmi2(a, b));
     trace(black_box(1));
     let traced = TRACED.load(Ordering::Relaxed);
@@ -100,7 +107,9 @@ fn main() {
     for site in &report.sites {
         // SAFETY: the report's address and length are a site in this program's mapped text.
         let running = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
-        let Some(on_disk) = file.bytes_at(site.addr, site.len) else { continue };
+        let Some(on_disk) = file.bytes_at(site.addr, site.len) else {
+            continue;
+        };
         let changed = on_disk != running;
         differ += usize::from(changed);
         println!(
@@ -111,7 +120,10 @@ fn main() {
             if changed { "" } else { "   (unchanged)" }
         );
     }
-    println!("\n{differ} of {} sites differ from the executable file", report.sites.len());
+    println!(
+        "\n{differ} of {} sites differ from the executable file",
+        report.sites.len()
+    );
     assert_eq!(differ, report.sites.iter().filter(|s| s.written).count());
 }
 
@@ -128,7 +140,9 @@ fn crc32c_reference(words: &[u64]) -> u32 {
 
 fn disassemble(bytes: &[u8], ip: usize) -> String {
     let mut formatter = IntelFormatter::new();
-    formatter.options_mut().set_space_after_operand_separator(true);
+    formatter
+        .options_mut()
+        .set_space_after_operand_separator(true);
     let mut out = Vec::new();
     for instr in Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE).iter() {
         let mut text = String::new();
@@ -159,7 +173,10 @@ impl ExecutableFile {
                 let mut f = l.split_whitespace();
                 let (start, end) = f.next()?.split_once('-')?;
                 let offset = usize::from_str_radix(f.nth(1)?, 16).ok()?;
-                Some((usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?, offset))
+                Some((
+                    usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?,
+                    offset,
+                ))
             })
             .collect();
         ExecutableFile { map, segments }

@@ -53,7 +53,14 @@ pub use patch_core::cpu::{Cpu, CpuidSource, FakeCpuid, Hypervisor, HypervisorKin
 pub use patch_core::overrides::{OverrideError, Overrides};
 pub use patch_core::plan::Shape;
 pub use patch_core::record::SiteKind;
-pub use patch_core::write::TextWriter;
+pub use patch_core::write::{FallbackWriter, TextWriter};
+
+/// The writers of x86_64 Linux, for [`Patcher::writer`]. The default is
+/// `FallbackWriter::new(MprotectWriter::default(), ProcMemWriter::default())`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod writers {
+    pub use patch_core::os::linux::{MprotectWriter, ProcMemWriter};
+}
 pub use patch_core::{Feature, FeatureSet, How, Patcher, Report, SiteReport};
 pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 

@@ -12,13 +12,23 @@ use common::*;
 /// Runs `child_entry` in a child process with `ALTPATCH=value`; returns its stdout.
 fn run_child(value: &str) -> String {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("ALTPATCH", value)
         .env("ALTPATCH_TEST_CHILD", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "child with ALTPATCH={value} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "child with ALTPATCH={value} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -43,13 +53,20 @@ fn child_entry() {
     }
     let chosen: Vec<_> = report.site("mix").map(|s| (s.chosen, s.how)).collect();
     let (name, how) = chosen[0];
-    assert!(chosen.iter().all(|c| *c == (name, how)), "every copy agrees");
+    assert!(
+        chosen.iter().all(|c| *c == (name, how)),
+        "every copy agrees"
+    );
     println!("CHOSEN={name}");
     println!("HOW={how}");
     println!("PATCHED={}", report.patched());
     println!("DISABLED={}", report.disabled.as_deref().unwrap_or("no"));
     let x = black_box(100);
-    let running = if how == altpatch::How::Unpatched { "default" } else { name };
+    let running = if how == altpatch::How::Unpatched {
+        "default"
+    } else {
+        name
+    };
     assert_eq!(mix(x), mix_expected(running, x), "mix runs {running}");
     println!("CPU_HAS_AVX2={}", report.cpu.has(altpatch::Feature::Avx2));
 }
@@ -92,14 +109,20 @@ fn malformed_values_are_clear_errors_and_patch_nothing() {
         ("cpu=-avx3", "unknown feature \"avx3\""),
         ("cpu=+avx2", "forcing"),
         ("nosuchsite=avx2", "unknown site \"nosuchsite\""),
-        ("mix=avx9", "has no candidate \"avx9\"; its candidates: default, avx2, bmi2"),
+        (
+            "mix=avx9",
+            "has no candidate \"avx9\"; its candidates: default, avx2, bmi2",
+        ),
     ] {
         let out = run_child(value);
         let error = line(&out, "ERROR=");
         assert!(error.starts_with("ALTPATCH: "), "{value}: {error}");
         assert!(error.contains(expect), "ALTPATCH={value}: {error}");
         assert_eq!(line(&out, "PATCHED="), "0", "{value}");
-        assert!(line(&out, "DISABLED=").contains("configuration error"), "{value}");
+        assert!(
+            line(&out, "DISABLED=").contains("configuration error"),
+            "{value}"
+        );
     }
     // The site list names the program's sites.
     let out = run_child("nosuchsite=x");

@@ -12,8 +12,15 @@ use common::*;
 #[test]
 fn reselecting_while_threads_run_the_sites() {
     let _lock = patch_lock();
-    let rounds: usize = std::env::var("ALTPATCH_STRESS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    let cpus = [cpu_with(&[Feature::Avx2]), cpu_with(&[Feature::Bmi2]), cpu_with(&[])];
+    let rounds: usize = std::env::var("ALTPATCH_STRESS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let cpus = [
+        cpu_with(&[Feature::Avx2]),
+        cpu_with(&[Feature::Bmi2]),
+        cpu_with(&[]),
+    ];
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
     let traps_before = altpatch::__private::traps_handled();
@@ -26,7 +33,9 @@ fn reselecting_while_threads_run_the_sites() {
                 while !stop.load(Ordering::Relaxed) {
                     let x = black_box(n * 2 + t);
                     let got = mix(x);
-                    let valid = ["default", "avx2", "bmi2"].iter().any(|c| mix_expected(c, x) == got);
+                    let valid = ["default", "avx2", "bmi2"]
+                        .iter()
+                        .any(|c| mix_expected(c, x) == got);
                     assert!(valid, "mix({x}) = {got}: no candidate returns that");
                     hook(black_box(0));
                     n += 1;
@@ -36,13 +45,29 @@ fn reselecting_while_threads_run_the_sites() {
         }
         for round in 0..rounds {
             let report = Patcher::new().cpu(cpus[round % cpus.len()].clone()).apply();
-            assert!(report.sites.iter().filter(|s| s.name.ends_with("::mix")).all(|s| s.written), "{report}");
+            assert!(
+                report
+                    .sites
+                    .iter()
+                    .filter(|s| s.name.ends_with("::mix"))
+                    .all(|s| s.written),
+                "{report}"
+            );
             assert!(report.stats.live, "other threads are running");
-            assert_eq!(report.stats.serializations, 3, "one batch, three serializations");
+            assert_eq!(
+                report.stats.serializations, 3,
+                "one batch, three serializations"
+            );
         }
         stop.store(true, Ordering::Relaxed);
     });
     let traps = altpatch::__private::traps_handled() - traps_before;
-    eprintln!("{rounds} re-selections, {} calls by the workers, {traps} traps handled", calls.load(Ordering::Relaxed));
-    assert!(calls.load(Ordering::Relaxed) > rounds as u64, "the workers ran during the patching");
+    eprintln!(
+        "{rounds} re-selections, {} calls by the workers, {traps} traps handled",
+        calls.load(Ordering::Relaxed)
+    );
+    assert!(
+        calls.load(Ordering::Relaxed) > rounds as u64,
+        "the workers ran during the patching"
+    );
 }

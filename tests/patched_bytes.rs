@@ -30,7 +30,10 @@ fn every_candidate_of_a_three_way_site_through_a_faked_cpu() {
             match expected {
                 "avx2" | "default" => {
                     assert_eq!(instrs[0].mnemonic(), Mnemonic::Call);
-                    assert_eq!(instrs[0].near_branch_target(), candidate_call_target(site, expected));
+                    assert_eq!(
+                        instrs[0].near_branch_target(),
+                        candidate_call_target(site, expected)
+                    );
                     assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
                 }
                 "bmi2" => {
@@ -50,20 +53,33 @@ fn a_nop_candidate_leaves_only_nops() {
     let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
     let before = HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst);
     hook(black_box(5));
-    assert_eq!(HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst), before, "the hook ran after being NOP'd");
+    assert_eq!(
+        HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "the hook ran after being NOP'd"
+    );
     for site in report.site("hook") {
         assert_eq!(site.how, How::Nop);
         let instrs = decode_site(site);
-        assert!(instrs.iter().all(|i| i.mnemonic() == Mnemonic::Nop), "{instrs:?}");
+        assert!(
+            instrs.iter().all(|i| i.mnemonic() == Mnemonic::Nop),
+            "{instrs:?}"
+        );
         assert_eq!(instrs.iter().map(|i| i.len()).sum::<usize>(), site.len);
         assert_eq!(instrs.len(), 1, "a 5-byte site is one 5-byte NOP");
     }
     // And back: the default call is restored.
     let report = Patcher::new().cpu(cpu_with(&[])).apply();
     hook(black_box(5));
-    assert_eq!(HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst), before + 5);
+    assert_eq!(
+        HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst),
+        before + 5
+    );
     for site in report.site("hook") {
         let instrs = decode_site(site);
-        assert_eq!(instrs[0].near_branch_target(), candidate_call_target(site, "default"));
+        assert_eq!(
+            instrs[0].near_branch_target(),
+            candidate_call_target(site, "default")
+        );
     }
 }

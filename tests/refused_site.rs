@@ -46,7 +46,10 @@ fn altered_site_is_refused_and_the_others_are_patched() {
     let rel = (intruder as *const () as usize as i64 - (altered as i64 + 5)) as i32;
     let mut call = vec![0xe8];
     call.extend_from_slice(&rel.to_le_bytes());
-    let mem = std::fs::File::options().write(true).open("/proc/self/mem").unwrap();
+    let mem = std::fs::File::options()
+        .write(true)
+        .open("/proc/self/mem")
+        .unwrap();
     mem.write_all_at(&call, altered as u64).unwrap();
     assert_eq!(call_a(black_box(10)), 17);
 

@@ -15,13 +15,29 @@ fn the_report_says_whether_this_build_patches() {
     let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
     assert!(report.site("mix").count() > 0, "{report}");
     if cfg!(feature = "force-unpatched") {
-        assert_eq!(report.disabled.as_deref(), Some("built with the `force-unpatched` feature"));
-        assert!(report.sites.iter().all(|s| s.how == How::Unpatched && !s.written), "{report}");
+        assert_eq!(
+            report.disabled.as_deref(),
+            Some("built with the `force-unpatched` feature")
+        );
+        assert!(
+            report
+                .sites
+                .iter()
+                .all(|s| s.how == How::Unpatched && !s.written),
+            "{report}"
+        );
         assert_eq!(mix(black_box(6)), mix_expected("default", 6));
-        assert!(report.to_string().contains("nothing written: built with the `force-unpatched` feature"));
+        assert!(
+            report
+                .to_string()
+                .contains("nothing written: built with the `force-unpatched` feature")
+        );
     } else {
         assert_eq!(report.disabled, None);
-        assert!(report.site("mix").all(|s| s.written && s.how == How::Call), "{report}");
+        assert!(
+            report.site("mix").all(|s| s.written && s.how == How::Call),
+            "{report}"
+        );
         assert_eq!(mix(black_box(6)), mix_expected("avx2", 6));
     }
 }

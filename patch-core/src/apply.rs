@@ -62,7 +62,11 @@ pub struct Patcher {
 
 impl Default for Patcher {
     fn default() -> Self {
-        Patcher { cpu: None, overrides: Ok(Overrides::default()), writer: None }
+        Patcher {
+            cpu: None,
+            overrides: Ok(Overrides::default()),
+            writer: None,
+        }
     }
 }
 
@@ -74,7 +78,10 @@ impl Patcher {
 
     /// Detected CPU, overrides from `ALTPATCH`.
     pub fn from_env() -> Patcher {
-        Patcher { overrides: Overrides::from_env(), ..Patcher::default() }
+        Patcher {
+            overrides: Overrides::from_env(),
+            ..Patcher::default()
+        }
     }
 
     /// Selects for this CPU snapshot instead of the detected one.
@@ -107,13 +114,20 @@ impl Patcher {
         let _guard = lock();
         let records = record::records();
         let (overrides, error) = match self.overrides {
-            Ok(o) => match o.check_choices(choice_table(records).iter().map(|(n, c)| (*n, c.as_slice()))) {
+            Ok(o) => match o.check_choices(
+                choice_table(records)
+                    .iter()
+                    .map(|(n, c)| (*n, c.as_slice())),
+            ) {
                 Ok(()) => (o, None),
                 Err(e) => (Overrides::default(), Some(e)),
             },
             Err(e) => (Overrides::default(), Some(e)),
         };
-        let cpu = self.cpu.unwrap_or_else(Cpu::detect).without(overrides.cleared);
+        let cpu = self
+            .cpu
+            .unwrap_or_else(Cpu::detect)
+            .without(overrides.cleared);
         let mut writer = self.writer.unwrap_or_else(default_writer);
         let disabled = disabled_reason(&overrides, error.as_ref());
 
@@ -181,7 +195,10 @@ fn default_writer() -> Box<dyn TextWriter> {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         use crate::os::linux::{MprotectWriter, ProcMemWriter};
-        Box::new(crate::write::FallbackWriter::new(MprotectWriter::default(), ProcMemWriter::default()))
+        Box::new(crate::write::FallbackWriter::new(
+            MprotectWriter::default(),
+            ProcMemWriter::default(),
+        ))
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
@@ -194,13 +211,20 @@ fn choice_table(records: &[SiteRecord]) -> Vec<(&'static str, Vec<&'static str>)
     records
         .iter()
         .filter(|r| record::is_understood(r))
-        .map(|r| (r.descriptor().name, r.descriptor().candidate_names().collect()))
+        .map(|r| {
+            (
+                r.descriptor().name,
+                r.descriptor().candidate_names().collect(),
+            )
+        })
         .collect()
 }
 
 fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Option<String> {
     if let Some(e) = error {
-        return Some(format!("configuration error, every site runs its default: {e}"));
+        return Some(format!(
+            "configuration error, every site runs its default: {e}"
+        ));
     }
     if cfg!(feature = "force-unpatched") {
         return Some("built with the `force-unpatched` feature".into());
@@ -208,7 +232,9 @@ fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Opti
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         return Some("patching is implemented for x86_64 Linux only; defaults run".into());
     }
-    overrides.off.then(|| format!("{}=off", crate::overrides::ENV_VAR))
+    overrides
+        .off
+        .then(|| format!("{}=off", crate::overrides::ENV_VAR))
 }
 
 fn site_report(rec: &SiteRecord) -> SiteReport {
@@ -221,7 +247,9 @@ fn site_report(rec: &SiteRecord) -> SiteReport {
         addr: rec.site_addr(),
         len: usize::from(rec.len),
         kind: rec.kind(),
-        candidates: desc.map(|d| d.candidate_names().collect()).unwrap_or_default(),
+        candidates: desc
+            .map(|d| d.candidate_names().collect())
+            .unwrap_or_default(),
         chosen: "default",
         how: How::Unpatched,
         written: false,
@@ -255,15 +283,23 @@ fn plan_record(
     let site = rec.site_addr();
     let len = usize::from(rec.len);
     if !memory.is_executable(site, len) {
-        return Err(format!("site {site:#x}+{len} is not in executable memory; left alone"));
+        return Err(format!(
+            "site {site:#x}+{len} is not in executable memory; left alone"
+        ));
     }
     let mut blocks = Vec::with_capacity(desc.candidates.len());
     for i in 0..desc.candidates.len() {
         let (bytes, ip) = rec.replacement(i).ok_or("candidate table too short")?;
         if !memory.is_readable(ip, bytes.len()) {
-            return Err(format!("candidate {} bytes at {ip:#x} are not readable; left alone", desc.candidates[i].name));
+            return Err(format!(
+                "candidate {} bytes at {ip:#x} are not readable; left alone",
+                desc.candidates[i].name
+            ));
         }
-        blocks.push(Block { bytes, ip: ip as u64 });
+        blocks.push(Block {
+            bytes,
+            ip: ip as u64,
+        });
     }
     // SAFETY: the range was checked to be mapped and executable (hence readable on x86_64), and
     // only the patcher (whose lock we hold) writes it.
@@ -272,7 +308,13 @@ fn plan_record(
     let names: Vec<&str> = desc.candidate_names().collect();
     let plan = plan::plan_site(site as u64, current, &blocks, &names, selection.index)
         .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
-    Ok((selection, SiteWrite { plan, old: current.to_vec() }))
+    Ok((
+        selection,
+        SiteWrite {
+            plan,
+            old: current.to_vec(),
+        },
+    ))
 }
 
 fn why_selected(rec: &SiteRecord, selection: &Selection) -> String {
@@ -283,7 +325,10 @@ fn why_selected(rec: &SiteRecord, selection: &Selection) -> String {
         Reason::PredicateHolds => format!("{} holds", candidates[selection.index].predicate),
         Reason::NoCandidateHolds if candidates.len() == 1 => "no other candidate".into(),
         Reason::NoCandidateHolds => {
-            let tried: Vec<String> = candidates[1..].iter().map(|c| c.predicate.to_string()).collect();
+            let tried: Vec<String> = candidates[1..]
+                .iter()
+                .map(|c| c.predicate.to_string())
+                .collect();
             format!("none of {} holds", tried.join(", "))
         }
     }

@@ -7,7 +7,10 @@
 use core::fmt;
 use std::collections::BTreeMap;
 
-use raw_cpuid::{CpuId, CpuIdReader, CpuIdResult, ExtendedFeatures, ExtendedProcessorFeatureIdentifiers, FeatureInfo};
+use raw_cpuid::{
+    CpuId, CpuIdReader, CpuIdResult, ExtendedFeatures, ExtendedProcessorFeatureIdentifiers,
+    FeatureInfo,
+};
 
 use crate::{Feature, FeatureSet};
 
@@ -135,8 +138,11 @@ impl FakeCpuid {
     /// A KVM signature at `base`, and leaf `base + 1` with `features_eax` and `hints_edx`.
     #[must_use]
     pub fn with_kvm(self, base: u32, features_eax: u32, hints_edx: u32) -> Self {
-        self.with_hypervisor(&KVM_SIGNATURE, base)
-            .with_leaf(base + 1, 0, [features_eax, 0, 0, hints_edx])
+        self.with_hypervisor(&KVM_SIGNATURE, base).with_leaf(
+            base + 1,
+            0,
+            [features_eax, 0, 0, hints_edx],
+        )
     }
 
     fn set_bit(&mut self, leaf: u32, subleaf: u32, reg: usize, bit: u32) {
@@ -146,7 +152,10 @@ impl FakeCpuid {
 
 impl CpuidSource for FakeCpuid {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        self.leaves.get(&(leaf, subleaf)).copied().unwrap_or_default()
+        self.leaves
+            .get(&(leaf, subleaf))
+            .copied()
+            .unwrap_or_default()
     }
 
     fn xcr0(&self) -> Option<u64> {
@@ -156,7 +165,9 @@ impl CpuidSource for FakeCpuid {
 
 /// Splits a 12-byte string into three little-endian register values, in order.
 fn vendor_regs(s: &[u8; 12]) -> [u32; 3] {
-    core::array::from_fn(|i| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]))
+    core::array::from_fn(|i| {
+        u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]])
+    })
 }
 
 /// Where each feature's bit lives: (leaf, subleaf, register index, bit). Used by [`FakeCpuid`];
@@ -201,7 +212,11 @@ const fn cpuid_bit(feature: Feature) -> (u32, u32, usize, u32) {
 const fn os_state_needed(feature: Feature) -> u64 {
     match feature {
         Feature::Avx | Feature::Avx2 | Feature::Fma | Feature::F16c => XCR0_AVX,
-        Feature::Avx512f | Feature::Avx512dq | Feature::Avx512cd | Feature::Avx512bw | Feature::Avx512vl => XCR0_AVX512,
+        Feature::Avx512f
+        | Feature::Avx512dq
+        | Feature::Avx512cd
+        | Feature::Avx512bw
+        | Feature::Avx512vl => XCR0_AVX512,
         _ => 0,
     }
 }
@@ -274,7 +289,10 @@ impl HypervisorKind {
         if name.eq_ignore_ascii_case("hyper-v") {
             return Some(HypervisorKind::HyperV);
         }
-        HypervisorKind::ALL.iter().copied().find(|k| name.eq_ignore_ascii_case(k.name()))
+        HypervisorKind::ALL
+            .iter()
+            .copied()
+            .find(|k| name.eq_ignore_ascii_case(k.name()))
     }
 
     /// The kind a 12-byte vendor signature names.
@@ -342,7 +360,11 @@ pub struct Hypervisor {
 impl Hypervisor {
     /// The signature as text (lossy), trailing NULs trimmed: `"KVMKVMKVM"`.
     pub fn signature_str(&self) -> String {
-        let end = self.signature.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let end = self
+            .signature
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |i| i + 1);
         String::from_utf8_lossy(&self.signature[..end]).into_owned()
     }
 
@@ -359,7 +381,8 @@ impl Hypervisor {
             let kind = HypervisorKind::from_signature(&signature);
             // Unknown signatures must also look like a vendor leaf (max leaf in its own 0x100
             // block), so stray data from out-of-range leaves is not taken for a hypervisor.
-            let plausible = signature != [0; 12] && (kind != HypervisorKind::Other || (base..base + 0x100).contains(&max));
+            let plausible = signature != [0; 12]
+                && (kind != HypervisorKind::Other || (base..base + 0x100).contains(&max));
             if !plausible {
                 continue;
             }
@@ -367,7 +390,12 @@ impl Hypervisor {
                 let [eax, _, _, edx] = source.cpuid(base + 1, 0);
                 KvmFeatures::from_regs(eax, edx)
             });
-            let found = Hypervisor { kind, signature, base_leaf: base, kvm };
+            let found = Hypervisor {
+                kind,
+                signature,
+                base_leaf: base,
+                kvm,
+            };
             if kind == HypervisorKind::Kvm {
                 return Some(found);
             }
@@ -411,7 +439,9 @@ impl Cpu {
     /// hypervisor.
     pub fn from_source(source: &impl CpuidSource) -> Cpu {
         let cpuid = CpuId::with_cpuid_reader(Reader(source));
-        let vendor = cpuid.get_vendor_info().map_or_else(String::new, |v| v.as_str().trim_end_matches('\0').to_owned());
+        let vendor = cpuid.get_vendor_info().map_or_else(String::new, |v| {
+            v.as_str().trim_end_matches('\0').to_owned()
+        });
         let fi = cpuid.get_feature_info();
         let ef = cpuid.get_extended_feature_info();
         let ext = cpuid.get_extended_processor_and_feature_identifiers();
@@ -421,7 +451,11 @@ impl Cpu {
         // raw-cpuid 11.6 truncates leaf 7 EDX to the bits it knows, which excludes FSRM (bit 4).
         let max_leaf = source.cpuid(0, 0)[EAX];
         let fsrm = max_leaf >= 7 && source.cpuid(7, 0)[EDX] & (1 << 4) != 0;
-        let xcr0 = if l1(FeatureInfo::has_oxsave) { source.xcr0() } else { None };
+        let xcr0 = if l1(FeatureInfo::has_oxsave) {
+            source.xcr0()
+        } else {
+            None
+        };
 
         let mut features = FeatureSet::EMPTY;
         for &feature in Feature::ALL {
@@ -464,14 +498,26 @@ impl Cpu {
                 features.insert(feature);
             }
         }
-        let hypervisor = if l1(FeatureInfo::has_hypervisor) { Hypervisor::scan(source) } else { None };
-        Cpu { vendor, features, hypervisor }
+        let hypervisor = if l1(FeatureInfo::has_hypervisor) {
+            Hypervisor::scan(source)
+        } else {
+            None
+        };
+        Cpu {
+            vendor,
+            features,
+            hypervisor,
+        }
     }
 
     /// A CPU with exactly these features and this hypervisor, and an empty vendor: for tests of
     /// selection.
     pub fn synthetic(features: FeatureSet, hypervisor: Option<Hypervisor>) -> Cpu {
-        Cpu { vendor: String::new(), features, hypervisor }
+        Cpu {
+            vendor: String::new(),
+            features,
+            hypervisor,
+        }
     }
 
     /// The usable features.
@@ -510,21 +556,46 @@ impl Cpu {
                 break;
             }
         }
-        Cpu { features: self.features.difference(gone), ..self.clone() }
+        Cpu {
+            features: self.features.difference(gone),
+            ..self.clone()
+        }
     }
 }
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let vendor = if self.vendor.is_empty() { "unknown" } else { &self.vendor };
-        write!(f, "vendor {vendor}; features [{}]; hypervisor ", self.features)?;
+        let vendor = if self.vendor.is_empty() {
+            "unknown"
+        } else {
+            &self.vendor
+        };
+        write!(
+            f,
+            "vendor {vendor}; features [{}]; hypervisor ",
+            self.features
+        )?;
         let Some(hv) = &self.hypervisor else {
             return f.write_str("none");
         };
-        write!(f, "{} ({:?} at {:#x})", hv.kind, hv.signature_str(), hv.base_leaf)?;
+        write!(
+            f,
+            "{} ({:?} at {:#x})",
+            hv.kind,
+            hv.signature_str(),
+            hv.base_leaf
+        )?;
         if let Some(kvm) = &hv.kvm {
-            write!(f, " kvm features {:#x} hints {:#x}", kvm.raw_features, kvm.raw_hints)?;
-            for (on, name) in [(kvm.pv_unhalt, "pv_unhalt"), (kvm.steal_time, "steal_time"), (kvm.hints_realtime, "hints_realtime")] {
+            write!(
+                f,
+                " kvm features {:#x} hints {:#x}",
+                kvm.raw_features, kvm.raw_hints
+            )?;
+            for (on, name) in [
+                (kvm.pv_unhalt, "pv_unhalt"),
+                (kvm.steal_time, "steal_time"),
+                (kvm.hints_realtime, "hints_realtime"),
+            ] {
                 if on {
                     write!(f, " {name}")?;
                 }
@@ -573,10 +644,18 @@ mod tests {
     #[test]
     fn mixed_and_full_sets_round_trip() {
         use Feature::*;
-        let mixed = set(&[Sse4_2, Popcnt, Lzcnt, Bmi2, Avx2, Fma, Avx512vl, Fsrm, Rdtscp, Sha, Cmpxchg16b]);
-        assert_eq!(Cpu::from_source(&FakeCpuid::new().with_features(mixed)).features(), mixed);
+        let mixed = set(&[
+            Sse4_2, Popcnt, Lzcnt, Bmi2, Avx2, Fma, Avx512vl, Fsrm, Rdtscp, Sha, Cmpxchg16b,
+        ]);
+        assert_eq!(
+            Cpu::from_source(&FakeCpuid::new().with_features(mixed)).features(),
+            mixed
+        );
         let all: FeatureSet = Feature::ALL.iter().copied().collect();
-        assert_eq!(Cpu::from_source(&FakeCpuid::new().with_features(all)).features(), all);
+        assert_eq!(
+            Cpu::from_source(&FakeCpuid::new().with_features(all)).features(),
+            all
+        );
     }
 
     #[test]
@@ -584,7 +663,9 @@ mod tests {
         use Feature::*;
         let fake = FakeCpuid::new().with_features(set(&[Popcnt, Avx2, Fsrm, Lzcnt]));
         let [_, b, c, d] = fake.cpuid(0, 0);
-        let fake = fake.with_leaf(0, 0, [1, b, c, d]).with_leaf(0x8000_0000, 0, [0x8000_0000, 0, 0, 0]);
+        let fake =
+            fake.with_leaf(0, 0, [1, b, c, d])
+                .with_leaf(0x8000_0000, 0, [0x8000_0000, 0, 0, 0]);
         assert_eq!(Cpu::from_source(&fake).features(), set(&[Popcnt]));
     }
 
@@ -592,14 +673,20 @@ mod tests {
     fn avx_needs_osxsave_and_xcr0_avx_state() {
         use Feature::*;
         let fake = FakeCpuid::new().with_features(set(&[Avx, Avx2, Fma, F16c, Popcnt, Xsave]));
-        assert_eq!(Cpu::from_source(&fake).features(), set(&[Avx, Avx2, Fma, F16c, Popcnt, Xsave]));
+        assert_eq!(
+            Cpu::from_source(&fake).features(),
+            set(&[Avx, Avx2, Fma, F16c, Popcnt, Xsave])
+        );
         let no_ymm = fake.clone().with_xcr0(Some(0b011));
         assert_eq!(Cpu::from_source(&no_ymm).features(), set(&[Popcnt, Xsave]));
         let no_xcr0 = fake.clone().with_xcr0(None);
         assert_eq!(Cpu::from_source(&no_xcr0).features(), set(&[Popcnt, Xsave]));
         // OSXSAVE clear: XCR0 must not even be consulted, although the fake would answer.
         let no_osxsave = clear_bits(fake, 1, ECX, LEAF1_ECX_OSXSAVE);
-        assert_eq!(Cpu::from_source(&no_osxsave).features(), set(&[Popcnt, Xsave]));
+        assert_eq!(
+            Cpu::from_source(&no_osxsave).features(),
+            set(&[Popcnt, Xsave])
+        );
     }
 
     #[test]
@@ -609,7 +696,9 @@ mod tests {
         assert!(Cpu::from_source(&fake).has(Avx512f));
         let ymm_only = fake.with_xcr0(Some(0b111));
         assert_eq!(Cpu::from_source(&ymm_only).features(), set(&[Avx, Avx2]));
-        let no_hi16 = FakeCpuid::new().with_features(set(&[Avx512f])).with_xcr0(Some(0b0110_0111));
+        let no_hi16 = FakeCpuid::new()
+            .with_features(set(&[Avx512f]))
+            .with_xcr0(Some(0b0110_0111));
         assert!(!Cpu::from_source(&no_hi16).has(Avx512f));
     }
 
@@ -622,20 +711,39 @@ mod tests {
         assert_eq!(hv.base_leaf, 0x4000_0000);
         assert_eq!(hv.signature_str(), "KVMKVMKVM");
         let kvm = hv.kvm.expect("kvm features");
-        assert_eq!(kvm, KvmFeatures { pv_unhalt: true, steal_time: true, hints_realtime: true, raw_features: 0xa8, raw_hints: 1 });
+        assert_eq!(
+            kvm,
+            KvmFeatures {
+                pv_unhalt: true,
+                steal_time: true,
+                hints_realtime: true,
+                raw_features: 0xa8,
+                raw_hints: 1
+            }
+        );
         let quiet = Cpu::from_source(&FakeCpuid::new().with_kvm(0x4000_0000, 1 << 3, 0));
         let quiet = quiet.hypervisor().unwrap().kvm.unwrap();
         assert!(!quiet.pv_unhalt && !quiet.steal_time && !quiet.hints_realtime);
         assert_eq!(quiet.raw_features, 8);
         let line = cpu.to_string();
-        assert!(line.contains("GenuineIntel") && line.contains("kvm") && line.contains("pv_unhalt"), "{line}");
-        assert!(line.contains("hints_realtime") && line.contains("0x40000000"), "{line}");
+        assert!(
+            line.contains("GenuineIntel") && line.contains("kvm") && line.contains("pv_unhalt"),
+            "{line}"
+        );
+        assert!(
+            line.contains("hints_realtime") && line.contains("0x40000000"),
+            "{line}"
+        );
     }
 
     #[test]
     fn kvm_feature_leaf_only_read_when_in_range() {
         let [b, c, d] = vendor_regs(&KVM_SIGNATURE);
-        let fake = FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1).with_leaf(0x4000_0000, 0, [0x4000_0000, b, c, d]);
+        let fake = FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1).with_leaf(
+            0x4000_0000,
+            0,
+            [0x4000_0000, b, c, d],
+        );
         let cpu = Cpu::from_source(&fake);
         let hv = cpu.hypervisor().unwrap();
         assert_eq!((hv.kind, hv.kvm), (HypervisorKind::Kvm, None));
@@ -643,14 +751,21 @@ mod tests {
 
     #[test]
     fn kvm_behind_hyperv_enlightenments_wins() {
-        let fake = FakeCpuid::new().with_hypervisor(b"Microsoft Hv", 0x4000_0000).with_kvm(0x4000_0100, 1 << 7, 0);
+        let fake = FakeCpuid::new()
+            .with_hypervisor(b"Microsoft Hv", 0x4000_0000)
+            .with_kvm(0x4000_0100, 1 << 7, 0);
         let cpu = Cpu::from_source(&fake);
         let hv = cpu.hypervisor().unwrap();
         assert_eq!((hv.kind, hv.base_leaf), (HypervisorKind::Kvm, 0x4000_0100));
         assert!(hv.kvm.unwrap().pv_unhalt);
         // Without KVM, the first signature found wins.
-        let xen = FakeCpuid::new().with_hypervisor(b"Microsoft Hv", 0x4000_0000).with_hypervisor(b"XenVMMXenVMM", 0x4000_0100);
-        assert_eq!(Cpu::from_source(&xen).hypervisor().unwrap().kind, HypervisorKind::HyperV);
+        let xen = FakeCpuid::new()
+            .with_hypervisor(b"Microsoft Hv", 0x4000_0000)
+            .with_hypervisor(b"XenVMMXenVMM", 0x4000_0100);
+        assert_eq!(
+            Cpu::from_source(&xen).hypervisor().unwrap().kind,
+            HypervisorKind::HyperV
+        );
     }
 
     #[test]
@@ -676,7 +791,12 @@ mod tests {
 
     #[test]
     fn no_hypervisor_bit_means_none() {
-        let fake = clear_bits(FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1), 1, ECX, LEAF1_ECX_HYPERVISOR);
+        let fake = clear_bits(
+            FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1),
+            1,
+            ECX,
+            LEAF1_ECX_HYPERVISOR,
+        );
         let cpu = Cpu::from_source(&fake);
         assert_eq!(cpu.hypervisor(), None);
         assert!(cpu.to_string().ends_with("hypervisor none"));
@@ -688,11 +808,20 @@ mod tests {
     #[test]
     fn without_clears_dependants() {
         use Feature::*;
-        let cpu = Cpu::synthetic(set(&[Xsave, Avx, Avx2, Fma, F16c, Avx512f, Avx512vl, Popcnt]), None);
+        let cpu = Cpu::synthetic(
+            set(&[Xsave, Avx, Avx2, Fma, F16c, Avx512f, Avx512vl, Popcnt]),
+            None,
+        );
         assert_eq!(cpu.without(set(&[Avx])).features(), set(&[Xsave, Popcnt]));
-        assert_eq!(cpu.without(set(&[Avx512f])).features(), set(&[Xsave, Avx, Avx2, Fma, F16c, Popcnt]));
+        assert_eq!(
+            cpu.without(set(&[Avx512f])).features(),
+            set(&[Xsave, Avx, Avx2, Fma, F16c, Popcnt])
+        );
         assert_eq!(cpu.without(set(&[Xsave])).features(), set(&[Popcnt]));
-        assert_eq!(cpu.without(set(&[Avx2])).features(), set(&[Xsave, Avx, Fma, F16c, Avx512f, Avx512vl, Popcnt]));
+        assert_eq!(
+            cpu.without(set(&[Avx2])).features(),
+            set(&[Xsave, Avx, Fma, F16c, Avx512f, Avx512vl, Popcnt])
+        );
         assert_eq!(cpu.without(FeatureSet::EMPTY), cpu);
         assert_eq!(cpu.vendor(), "");
     }
@@ -702,7 +831,10 @@ mod tests {
         for &kind in HypervisorKind::ALL {
             assert_eq!(HypervisorKind::from_name(kind.name()), Some(kind));
         }
-        assert_eq!(HypervisorKind::from_name("Hyper-V"), Some(HypervisorKind::HyperV));
+        assert_eq!(
+            HypervisorKind::from_name("Hyper-V"),
+            Some(HypervisorKind::HyperV)
+        );
         assert_eq!(HypervisorKind::from_name("KVM"), Some(HypervisorKind::Kvm));
         assert_eq!(HypervisorKind::from_name("virtualbox"), None);
     }

@@ -155,7 +155,10 @@ impl FeatureSet {
 
     /// The features in the set, in declaration order.
     pub fn iter(self) -> impl Iterator<Item = Feature> {
-        Feature::ALL.iter().copied().filter(move |f| self.contains(*f))
+        Feature::ALL
+            .iter()
+            .copied()
+            .filter(move |f| self.contains(*f))
     }
 }
 
@@ -208,7 +211,10 @@ mod tests {
     fn set_operations() {
         let s: FeatureSet = [Feature::Avx2, Feature::Popcnt].into_iter().collect();
         assert!(s.contains(Feature::Avx2) && !s.contains(Feature::Avx));
-        assert_eq!(s.without(Feature::Avx2).iter().collect::<Vec<_>>(), [Feature::Popcnt]);
+        assert_eq!(
+            s.without(Feature::Avx2).iter().collect::<Vec<_>>(),
+            [Feature::Popcnt]
+        );
         assert_eq!(s.to_string(), "popcnt avx2");
     }
 }

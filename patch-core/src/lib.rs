@@ -16,6 +16,6 @@ pub mod report;
 pub mod select;
 pub mod write;
 
-pub use apply::{Patcher, apply_patches, applied_report, try_apply_patches};
+pub use apply::{Patcher, applied_report, apply_patches, try_apply_patches};
 pub use feature::{Feature, FeatureSet};
 pub use report::{How, Report, SiteReport};

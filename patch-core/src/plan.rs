@@ -17,8 +17,8 @@
 use core::fmt;
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Instruction, InstructionBlock,
-    Mnemonic, OpKind,
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Instruction,
+    InstructionBlock, Mnemonic, OpKind,
 };
 
 /// A block of machine code and the address it was assembled for.
@@ -112,9 +112,18 @@ impl fmt::Display for Refusal {
                 }
                 f.write_str(")")
             }
-            Refusal::Undecodable { block, detail } => write!(f, "{block} does not decode: {detail}"),
-            Refusal::TooLong { block, len, site_len } => {
-                write!(f, "{block} is {len} bytes once relocated, the site only {site_len}")
+            Refusal::Undecodable { block, detail } => {
+                write!(f, "{block} does not decode: {detail}")
+            }
+            Refusal::TooLong {
+                block,
+                len,
+                site_len,
+            } => {
+                write!(
+                    f,
+                    "{block} is {len} bytes once relocated, the site only {site_len}"
+                )
             }
         }
     }
@@ -179,7 +188,9 @@ pub fn relocate(block: Block<'_>, new_ip: u64) -> Result<Vec<u8>, String> {
     // Anchor it on a NOP placed there, so BlockEncoder moves it with the block; the NOP becomes
     // the first byte of the filler.
     let end = block.ip + block.bytes.len() as u64;
-    let anchors_end = instrs.iter().any(|i| is_near_branch(i) && i.near_branch_target() == end);
+    let anchors_end = instrs
+        .iter()
+        .any(|i| is_near_branch(i) && i.near_branch_target() == end);
     if anchors_end {
         let mut nop = Instruction::with(Code::Nopd);
         nop.set_ip(end);
@@ -246,7 +257,9 @@ pub fn is_filler(bytes: &[u8]) -> bool {
             {
                 return false;
             }
-            decoder.set_position(skip_to).expect("within bounds: checked above");
+            decoder
+                .set_position(skip_to)
+                .expect("within bounds: checked above");
             continue;
         }
         return false;
@@ -266,7 +279,10 @@ pub fn plan_site(
     names: &[&str],
     chosen: usize,
 ) -> Result<Plan, Refusal> {
-    let site = Block { bytes: current, ip: site_ip };
+    let site = Block {
+        bytes: current,
+        ip: site_ip,
+    };
     let name = |i: usize| names.get(i).copied().unwrap_or("candidate").to_string();
     let undecodable = |block: String, detail: String| Refusal::Undecodable { block, detail };
 
@@ -275,10 +291,17 @@ pub fn plan_site(
     for (i, block) in candidates.iter().enumerate() {
         let relocated = relocate(*block, site_ip).map_err(|d| undecodable(name(i), d))?;
         if relocated.len() > current.len() {
-            return Err(Refusal::TooLong { block: name(i), len: relocated.len(), site_len: current.len() });
+            return Err(Refusal::TooLong {
+                block: name(i),
+                len: relocated.len(),
+                site_len: current.len(),
+            });
         }
-        let instrs = decode(Block { bytes: &relocated, ip: site_ip })
-            .map_err(|d| undecodable(name(i), d))?;
+        let instrs = decode(Block {
+            bytes: &relocated,
+            ip: site_ip,
+        })
+        .map_err(|d| undecodable(name(i), d))?;
         if !recognised && matches_block(site, &instrs).is_some() {
             recognised = true;
         }
@@ -287,29 +310,42 @@ pub fn plan_site(
         }
     }
     if !recognised {
-        return Err(Refusal::UnexpectedBytes { found: current.to_vec() });
+        return Err(Refusal::UnexpectedBytes {
+            found: current.to_vec(),
+        });
     }
-    let (mut bytes, instrs) = new_body.ok_or_else(|| undecodable(name(chosen), "no such candidate".into()))?;
+    let (mut bytes, instrs) =
+        new_body.ok_or_else(|| undecodable(name(chosen), "no such candidate".into()))?;
     let body_len = bytes.len();
     fill_nops(&mut bytes, current.len() - body_len);
 
     // Decode what will be written, once more: it must be the intended instructions and filler.
-    let written = Block { bytes: &bytes, ip: site_ip };
+    let written = Block {
+        bytes: &bytes,
+        ip: site_ip,
+    };
     if matches_block(written, &instrs) != Some(body_len) {
-        return Err(undecodable("result".into(), "re-decoding the new bytes gave other instructions".into()));
+        return Err(undecodable(
+            "result".into(),
+            "re-decoding the new bytes gave other instructions".into(),
+        ));
     }
-    Ok(Plan { ip: site_ip, shape: shape_of(&instrs, body_len), bytes })
+    Ok(Plan {
+        ip: site_ip,
+        shape: shape_of(&instrs, body_len),
+        bytes,
+    })
 }
 
 fn shape_of(instrs: &[Instruction], body_len: usize) -> Shape {
     match instrs {
         [] => Shape::Nop,
-        [only] if is_near_branch(only) && only.mnemonic() == Mnemonic::Call => {
-            Shape::Call { target: only.near_branch_target() }
-        }
-        [first, ..] if is_near_branch(first) && first.mnemonic() == Mnemonic::Jmp => {
-            Shape::Jump { target: first.near_branch_target() }
-        }
+        [only] if is_near_branch(only) && only.mnemonic() == Mnemonic::Call => Shape::Call {
+            target: only.near_branch_target(),
+        },
+        [first, ..] if is_near_branch(first) && first.mnemonic() == Mnemonic::Jmp => Shape::Jump {
+            target: first.near_branch_target(),
+        },
         _ => Shape::Inline { len: body_len },
     }
 }
@@ -348,13 +384,28 @@ mod tests {
         let avx2 = call_at(REPL + 16, 0x50_1000);
         let mut site = call_at(SITE, 0x50_0000);
         site.extend([0x90; 3]);
-        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &avx2, ip: REPL + 16 }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL,
+            },
+            Block {
+                bytes: &avx2,
+                ip: REPL + 16,
+            },
+        ];
         let plan = plan_site(SITE, &site, &blocks, &["default", "avx2"], 1).unwrap();
         assert_eq!(plan.shape, Shape::Call { target: 0x50_1000 });
         assert_eq!(plan.bytes.len(), 8);
-        let instrs = decode(Block { bytes: &plan.bytes, ip: SITE }).unwrap();
+        let instrs = decode(Block {
+            bytes: &plan.bytes,
+            ip: SITE,
+        })
+        .unwrap();
         assert_eq!(instrs.len(), 2);
-        assert!(instrs[0].mnemonic() == Mnemonic::Call && instrs[0].near_branch_target() == 0x50_1000);
+        assert!(
+            instrs[0].mnemonic() == Mnemonic::Call && instrs[0].near_branch_target() == 0x50_1000
+        );
         assert_eq!(instrs[1].len(), 3);
         assert_eq!(instrs[1].mnemonic(), Mnemonic::Nop);
     }
@@ -363,7 +414,16 @@ mod tests {
     fn nop_candidate_fills_the_whole_site() {
         let default = call_at(REPL, 0x50_0000);
         let site = call_at(SITE, 0x50_0000);
-        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &[], ip: REPL + 8 }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL,
+            },
+            Block {
+                bytes: &[],
+                ip: REPL + 8,
+            },
+        ];
         let plan = plan_site(SITE, &site, &blocks, &["default", "nop"], 1).unwrap();
         assert_eq!(plan.shape, Shape::Nop);
         assert_eq!(plan.bytes, NOPS[5]);
@@ -372,18 +432,35 @@ mod tests {
     #[test]
     fn rip_relative_lea_and_inner_call_are_relocated() {
         // lea rax, [rip + 0x100]; call +0x200 (both relative to REPL).
-        let repl: &[u8] = &[0x48, 0x8d, 0x05, 0x00, 0x01, 0x00, 0x00, 0xe8, 0x00, 0x02, 0x00, 0x00];
+        let repl: &[u8] = &[
+            0x48, 0x8d, 0x05, 0x00, 0x01, 0x00, 0x00, 0xe8, 0x00, 0x02, 0x00, 0x00,
+        ];
         let lea_target = REPL + 7 + 0x100;
         let call_target = REPL + 12 + 0x200;
         let default = call_at(REPL + 32, 0x50_0000);
         let mut site = call_at(SITE, 0x50_0000);
         site.extend([0x90; 7]);
-        let blocks = [Block { bytes: &default, ip: REPL + 32 }, Block { bytes: repl, ip: REPL }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL + 32,
+            },
+            Block {
+                bytes: repl,
+                ip: REPL,
+            },
+        ];
         let plan = plan_site(SITE, &site, &blocks, &["default", "inline"], 1).unwrap();
         assert_eq!(plan.shape, Shape::Inline { len: 12 });
-        let instrs = decode(Block { bytes: &plan.bytes, ip: SITE }).unwrap();
+        let instrs = decode(Block {
+            bytes: &plan.bytes,
+            ip: SITE,
+        })
+        .unwrap();
         assert_eq!(instrs[0].ip_rel_memory_address(), lea_target);
-        assert!(instrs[1].mnemonic() == Mnemonic::Call && instrs[1].near_branch_target() == call_target);
+        assert!(
+            instrs[1].mnemonic() == Mnemonic::Call && instrs[1].near_branch_target() == call_target
+        );
     }
 
     #[test]
@@ -393,9 +470,22 @@ mod tests {
         let default = call_at(REPL + 32, 0x50_0000);
         let mut site = call_at(SITE, 0x50_0000);
         site.extend([0x90; 5]);
-        let blocks = [Block { bytes: &default, ip: REPL + 32 }, Block { bytes: repl, ip: REPL }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL + 32,
+            },
+            Block {
+                bytes: repl,
+                ip: REPL,
+            },
+        ];
         let plan = plan_site(SITE, &site, &blocks, &["default", "inline"], 1).unwrap();
-        let instrs = decode(Block { bytes: &plan.bytes, ip: SITE }).unwrap();
+        let instrs = decode(Block {
+            bytes: &plan.bytes,
+            ip: SITE,
+        })
+        .unwrap();
         assert_eq!(instrs[1].near_branch_target(), SITE + 8);
     }
 
@@ -404,7 +494,10 @@ mod tests {
         let default = call_at(REPL, 0x50_0000);
         let mut site = call_at(SITE, 0x50_0004); // another target
         site.extend([0x90; 3]);
-        let blocks = [Block { bytes: &default, ip: REPL }];
+        let blocks = [Block {
+            bytes: &default,
+            ip: REPL,
+        }];
         let err = plan_site(SITE, &site, &blocks, &["default"], 0).unwrap_err();
         assert!(matches!(err, Refusal::UnexpectedBytes { .. }));
         assert!(err.to_string().contains("e8"), "{err}");
@@ -420,7 +513,16 @@ mod tests {
         let mut site = vec![0xf3, 0x48, 0x0f, 0xb8, 0xc7]; // popcnt rax, rdi
         let popcnt = site.clone();
         site.extend([0x90; 2]);
-        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &popcnt, ip: REPL + 8 }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL,
+            },
+            Block {
+                bytes: &popcnt,
+                ip: REPL + 8,
+            },
+        ];
         let plan = plan_site(SITE, &site, &blocks, &["default", "popcnt"], 0).unwrap();
         assert_eq!(plan.shape, Shape::Call { target: 0x50_0000 });
         assert_eq!(&plan.bytes[5..], NOPS[2]);
@@ -431,13 +533,35 @@ mod tests {
         let default = call_at(REPL, 0x50_0000);
         let site = call_at(SITE, 0x50_0000);
         let long = [0x90u8; 9];
-        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &long, ip: REPL + 8 }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL,
+            },
+            Block {
+                bytes: &long,
+                ip: REPL + 8,
+            },
+        ];
         assert!(matches!(
             plan_site(SITE, &site, &blocks, &["default", "long"], 1),
-            Err(Refusal::TooLong { len: 9, site_len: 5, .. })
+            Err(Refusal::TooLong {
+                len: 9,
+                site_len: 5,
+                ..
+            })
         ));
         let junk = [0x0f, 0xff];
-        let blocks = [Block { bytes: &default, ip: REPL }, Block { bytes: &junk, ip: REPL + 8 }];
+        let blocks = [
+            Block {
+                bytes: &default,
+                ip: REPL,
+            },
+            Block {
+                bytes: &junk,
+                ip: REPL + 8,
+            },
+        ];
         assert!(matches!(
             plan_site(SITE, &site, &blocks, &["default", "junk"], 1),
             Err(Refusal::Undecodable { .. })

@@ -157,7 +157,8 @@ impl SiteRecord {
         let entry = self.table().get(index)?;
         let addr = resolve(&entry.bytes);
         // SAFETY: each entry points at `len` bytes the macro assembled in `altpatch_repl`.
-        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, usize::from(entry.len)) };
+        let bytes =
+            unsafe { core::slice::from_raw_parts(addr as *const u8, usize::from(entry.len)) };
         Some((bytes, addr))
     }
 }

@@ -101,7 +101,10 @@ pub struct Report {
 impl Report {
     /// Sites written or already holding a non-default candidate.
     pub fn patched(&self) -> usize {
-        self.sites.iter().filter(|s| s.how != How::Unpatched).count()
+        self.sites
+            .iter()
+            .filter(|s| s.how != How::Unpatched)
+            .count()
     }
 
     /// The reports of every inlined copy of the site named `name` (full name or last segment).
@@ -124,7 +127,11 @@ impl fmt::Display for Report {
             self.sites.len() - self.patched(),
             self.stats.pages,
             self.stats.serializations,
-            if self.stats.live { " (live: other threads running)" } else { "" },
+            if self.stats.live {
+                " (live: other threads running)"
+            } else {
+                ""
+            },
             self.writer,
             self.elapsed,
         )?;
@@ -138,10 +145,34 @@ impl fmt::Display for Report {
         }
         let location = |s: &SiteReport| format!("{}:{}", s.file, s.line);
         let candidates = |s: &SiteReport| s.candidates.join(",");
-        let w_name = self.sites.iter().map(|s| s.name.len()).max().unwrap_or(0).max(4);
-        let w_loc = self.sites.iter().map(|s| location(s).len()).max().unwrap_or(0).max(8);
-        let w_cand = self.sites.iter().map(|s| candidates(s).len()).max().unwrap_or(0).max(10);
-        let w_chosen = self.sites.iter().map(|s| s.chosen.len()).max().unwrap_or(0).max(6);
+        let w_name = self
+            .sites
+            .iter()
+            .map(|s| s.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let w_loc = self
+            .sites
+            .iter()
+            .map(|s| location(s).len())
+            .max()
+            .unwrap_or(0)
+            .max(8);
+        let w_cand = self
+            .sites
+            .iter()
+            .map(|s| candidates(s).len())
+            .max()
+            .unwrap_or(0)
+            .max(10);
+        let w_chosen = self
+            .sites
+            .iter()
+            .map(|s| s.chosen.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
         writeln!(
             f,
             "{:w_name$}  {:w_loc$}  {:>14}  {:w_cand$}  {:w_chosen$}  {:9}  why",

@@ -119,16 +119,33 @@ impl fmt::Display for Reason {
 /// `overrides` must have passed [`Overrides::check_choices`], so a forced name exists.
 pub fn select(site: &SiteDescriptor, cpu: &Cpu, overrides: &Overrides) -> Selection {
     if overrides.off {
-        return Selection { index: 0, reason: Reason::Off };
+        return Selection {
+            index: 0,
+            reason: Reason::Off,
+        };
     }
-    if let Some(name) = overrides.choice_for(site.name) {
-        if let Some(index) = site.candidates.iter().position(|c| c.name == name) {
-            return Selection { index, reason: Reason::Forced };
-        }
+    let forced = overrides.choice_for(site.name);
+    if let Some(index) = forced.and_then(|name| site.candidates.iter().position(|c| c.name == name))
+    {
+        return Selection {
+            index,
+            reason: Reason::Forced,
+        };
     }
-    match site.candidates.iter().skip(1).position(|c| c.predicate.holds(cpu)) {
-        Some(i) => Selection { index: i + 1, reason: Reason::PredicateHolds },
-        None => Selection { index: 0, reason: Reason::NoCandidateHolds },
+    match site
+        .candidates
+        .iter()
+        .skip(1)
+        .position(|c| c.predicate.holds(cpu))
+    {
+        Some(i) => Selection {
+            index: i + 1,
+            reason: Reason::PredicateHolds,
+        },
+        None => Selection {
+            index: 0,
+            reason: Reason::NoCandidateHolds,
+        },
     }
 }
 
@@ -143,9 +160,21 @@ mod tests {
         file: "demo.rs",
         line: 1,
         candidates: &[
-            Candidate { name: "default", predicate: Predicate::Always },
-            Candidate { name: "avx2", predicate: Predicate::All(&[Predicate::Feature(Feature::Avx2), Predicate::Feature(Feature::Bmi2)]) },
-            Candidate { name: "sse4_2", predicate: Predicate::Feature(Feature::Sse4_2) },
+            Candidate {
+                name: "default",
+                predicate: Predicate::Always,
+            },
+            Candidate {
+                name: "avx2",
+                predicate: Predicate::All(&[
+                    Predicate::Feature(Feature::Avx2),
+                    Predicate::Feature(Feature::Bmi2),
+                ]),
+            },
+            Candidate {
+                name: "sse4_2",
+                predicate: Predicate::Feature(Feature::Sse4_2),
+            },
         ],
     };
 
@@ -158,7 +187,10 @@ mod tests {
         let all = cpu(&[Feature::Avx2, Feature::Bmi2, Feature::Sse4_2]);
         let none = Overrides::default();
         assert_eq!(select(&SUM, &all, &none).index, 1);
-        assert_eq!(select(&SUM, &cpu(&[Feature::Avx2, Feature::Sse4_2]), &none).index, 2);
+        assert_eq!(
+            select(&SUM, &cpu(&[Feature::Avx2, Feature::Sse4_2]), &none).index,
+            2
+        );
         let bare = select(&SUM, &cpu(&[]), &none);
         assert_eq!((bare.index, bare.reason), (0, Reason::NoCandidateHolds));
     }
@@ -167,9 +199,21 @@ mod tests {
     fn overrides_come_first() {
         let all = cpu(&[Feature::Avx2, Feature::Bmi2, Feature::Sse4_2]);
         let forced = Overrides::parse("sum=sse4_2").unwrap();
-        assert_eq!(select(&SUM, &all, &forced), Selection { index: 2, reason: Reason::Forced });
+        assert_eq!(
+            select(&SUM, &all, &forced),
+            Selection {
+                index: 2,
+                reason: Reason::Forced
+            }
+        );
         let off = Overrides::parse("off").unwrap();
-        assert_eq!(select(&SUM, &all, &off), Selection { index: 0, reason: Reason::Off });
+        assert_eq!(
+            select(&SUM, &all, &off),
+            Selection {
+                index: 0,
+                reason: Reason::Off
+            }
+        );
     }
 
     #[test]
@@ -177,7 +221,10 @@ mod tests {
         static NOT_AVX: Predicate = Predicate::Not(&Predicate::Feature(Feature::Avx));
         assert!(NOT_AVX.holds(&cpu(&[])));
         assert!(!NOT_AVX.holds(&cpu(&[Feature::Avx])));
-        assert!(Predicate::Any(&[Predicate::Feature(Feature::Avx), Predicate::AnyHypervisor]).holds(&cpu(&[Feature::Avx])));
+        assert!(
+            Predicate::Any(&[Predicate::Feature(Feature::Avx), Predicate::AnyHypervisor])
+                .holds(&cpu(&[Feature::Avx]))
+        );
         assert!(!Predicate::Hypervisor(HypervisorKind::Kvm).holds(&cpu(&[])));
         assert!(Predicate::When("yes", || true).holds(&cpu(&[])));
         assert_eq!(Predicate::When("yes", || true).to_string(), "when = yes");

@@ -67,19 +67,31 @@ pub struct BatchStats {
 pub struct FallbackWriter<A, B> {
     primary: A,
     fallback: B,
+    /// Ranges of the current batch that the fallback prepared.
     via_fallback: Vec<Range<usize>>,
+    /// Whether the fallback wrote anything since this writer was made (for the report's name).
+    fallback_used: bool,
 }
 
 impl<A: TextWriter, B: TextWriter> FallbackWriter<A, B> {
     /// Combines two writers.
     pub fn new(primary: A, fallback: B) -> Self {
-        FallbackWriter { primary, fallback, via_fallback: Vec::new() }
+        FallbackWriter {
+            primary,
+            fallback,
+            via_fallback: Vec::new(),
+            fallback_used: false,
+        }
     }
 }
 
 impl<A: TextWriter, B: TextWriter> TextWriter for FallbackWriter<A, B> {
     fn name(&self) -> &'static str {
-        if self.via_fallback.is_empty() { self.primary.name() } else { self.fallback.name() }
+        if !self.fallback_used {
+            self.primary.name()
+        } else {
+            self.fallback.name()
+        }
     }
 
     fn prepare(&mut self, pages: Range<usize>) -> Result<(), String> {
@@ -89,7 +101,10 @@ impl<A: TextWriter, B: TextWriter> TextWriter for FallbackWriter<A, B> {
         };
         self.fallback
             .prepare(pages.clone())
-            .map(|()| self.via_fallback.push(pages))
+            .map(|()| {
+                self.fallback_used = true;
+                self.via_fallback.push(pages);
+            })
             .map_err(|second| format!("{first}; {second}"))
     }
 
@@ -134,7 +149,10 @@ fn page_ranges(sites: &[SiteWrite], page: usize) -> Vec<(Range<usize>, Vec<usize
 ///
 /// The caller holds the patcher lock, so only one batch runs at a time.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-pub fn write_batch(sites: &[SiteWrite], writer: &mut dyn TextWriter) -> (Vec<Result<(), String>>, BatchStats) {
+pub fn write_batch(
+    sites: &[SiteWrite],
+    writer: &mut dyn TextWriter,
+) -> (Vec<Result<(), String>>, BatchStats) {
     use crate::arch::x86_64::{INT3, serialize_local};
     use crate::os::linux as os;
 
@@ -152,7 +170,10 @@ pub fn write_batch(sites: &[SiteWrite], writer: &mut dyn TextWriter) -> (Vec<Res
         let ready = os::enable_sync_core().and_then(|()| os::install_trap_handler());
         if let Err(e) = ready {
             let why = format!("other threads are running and live patching is unavailable: {e}");
-            results.iter_mut().filter(|r| r.is_ok()).for_each(|r| *r = Err(why.clone()));
+            results
+                .iter_mut()
+                .filter(|r| r.is_ok())
+                .for_each(|r| *r = Err(why.clone()));
         }
     }
     let pending: Vec<usize> = (0..sites.len()).filter(|&i| results[i].is_ok()).collect();
@@ -164,11 +185,15 @@ pub fn write_batch(sites: &[SiteWrite], writer: &mut dyn TextWriter) -> (Vec<Res
         }
         serialize_local();
     } else if !pending.is_empty() {
-        let _signals = os::SignalsBlocked::new();
+        let _signals = os::SignalsBlocked::block();
         os::remember_patched(pending.iter().map(|&i| sites[i].plan.ip as usize));
         let mut active: Vec<ActiveSite> = pending
             .iter()
-            .map(|&i| ActiveSite { addr: sites[i].plan.ip as usize, len: sites[i].plan.bytes.len(), shape: sites[i].plan.shape })
+            .map(|&i| ActiveSite {
+                addr: sites[i].plan.ip as usize,
+                len: sites[i].plan.bytes.len(),
+                shape: sites[i].plan.shape,
+            })
             .collect();
         active.sort_by_key(|s| s.addr);
         os::publish(&mut active);
@@ -189,21 +214,26 @@ pub fn write_batch(sites: &[SiteWrite], writer: &mut dyn TextWriter) -> (Vec<Res
         // Step 2: the rest of each site. On failure, put the old bytes back behind the int3.
         for &i in &pending {
             let (plan, old) = (&sites[i].plan, &sites[i].old);
-            if results[i].is_ok() && plan.bytes.len() > 1 {
-                if let Err(e) = writer.write(plan.ip as usize + 1, &plan.bytes[1..]) {
-                    let restored = writer.write(plan.ip as usize + 1, &old[1..]);
-                    results[i] = Err(match restored {
-                        Ok(()) => e,
-                        Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
-                    });
-                }
+            if results[i].is_err() || plan.bytes.len() < 2 {
+                continue;
+            }
+            if let Err(e) = writer.write(plan.ip as usize + 1, &plan.bytes[1..]) {
+                let restored = writer.write(plan.ip as usize + 1, &old[1..]);
+                results[i] = Err(match restored {
+                    Ok(()) => e,
+                    Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
+                });
             }
         }
         sync(&mut stats);
         // Step 3: the new first byte (or the old one where step 2 failed).
         for &i in &pending {
             let (plan, old) = (&sites[i].plan, &sites[i].old);
-            let first = if results[i].is_ok() { plan.bytes[0] } else { old[0] };
+            let first = if results[i].is_ok() {
+                plan.bytes[0]
+            } else {
+                old[0]
+            };
             if let Err(e) = writer.write(plan.ip as usize, &[first]) {
                 results[i] = Err(e);
             }
@@ -215,19 +245,44 @@ pub fn write_batch(sites: &[SiteWrite], writer: &mut dyn TextWriter) -> (Vec<Res
     (results, stats)
 }
 
+/// Off x86_64 Linux nothing is ever written; apply reports the platform before calling this.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+pub fn write_batch(
+    sites: &[SiteWrite],
+    _writer: &mut dyn TextWriter,
+) -> (Vec<Result<(), String>>, BatchStats) {
+    let why = "patching is implemented for x86_64 Linux only".to_string();
+    (vec![Err(why); sites.len()], BatchStats::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn site(ip: u64, len: usize) -> SiteWrite {
-        let plan = Plan { ip, bytes: vec![0x90; len], shape: Shape::Nop };
-        SiteWrite { plan, old: vec![0x90; len] }
+        let plan = Plan {
+            ip,
+            bytes: vec![0x90; len],
+            shape: Shape::Nop,
+        };
+        SiteWrite {
+            plan,
+            old: vec![0x90; len],
+        }
     }
 
     #[test]
     fn sites_are_grouped_by_page_range() {
-        let sites = [site(0x1ffe, 5), site(0x1000, 5), site(0x5000, 5), site(0x2100, 2)];
+        let sites = [
+            site(0x1ffe, 5),
+            site(0x1000, 5),
+            site(0x5000, 5),
+            site(0x2100, 2),
+        ];
         let ranges = page_ranges(&sites, 0x1000);
-        assert_eq!(ranges, vec![(0x1000..0x3000, vec![1, 0, 3]), (0x5000..0x6000, vec![2])]);
+        assert_eq!(
+            ranges,
+            vec![(0x1000..0x3000, vec![1, 0, 3]), (0x5000..0x6000, vec![2])]
+        );
     }
 }

@@ -50,7 +50,9 @@ pub fn call_site(blocks: &[Block]) -> String {
     for k in 1..blocks.len() {
         let want = format!("({}f - {}f)", start(k) + 1, start(k));
         let have = format!("({}b - 6500b)", 6600 + k - 1);
-        s.push(format!(".skip -(({want} - {have}) > 0) * ({want} - {have}), 0x90"));
+        s.push(format!(
+            ".skip -(({want} - {have}) > 0) * ({want} - {have}), 0x90"
+        ));
         s.push(format!("{}:", 6600 + k));
     }
     s.push("6599:".to_string());
@@ -59,7 +61,10 @@ pub fn call_site(blocks: &[Block]) -> String {
     s.push(".long 6500b - .".into());
     s.push(".long {desc} - .".into());
     s.push(".long 6700f - .".into());
-    s.push(format!(".byte 6599b - 6500b, {{kind}}, {}, {RECORD_VERSION}", blocks.len()));
+    s.push(format!(
+        ".byte 6599b - 6500b, {{kind}}, {}, {RECORD_VERSION}",
+        blocks.len()
+    ));
     s.push(".popsection".into());
     s.push(".pushsection altpatch_repl,\"aR\"".into());
     s.push(".balign 4".into());

@@ -16,7 +16,9 @@ mod asm;
 pub fn alternative(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = syn::parse_macro_input!(args as Args);
     let func = syn::parse_macro_input!(item as ItemFn);
-    expand(args, func).unwrap_or_else(Error::into_compile_error).into()
+    expand(args, func)
+        .unwrap_or_else(Error::into_compile_error)
+        .into()
 }
 
 /// `inline, name: predicate => target, ...`
@@ -56,7 +58,9 @@ impl Parse for Args {
         let mut inline = None;
         let mut candidates = Vec::new();
         while !input.is_empty() {
-            if input.peek(Ident) && input.peek2(Token![,]) || input.peek(Ident) && input.peek2(syn::parse::End) {
+            if input.peek(Ident) && input.peek2(Token![,])
+                || input.peek(Ident) && input.peek2(syn::parse::End)
+            {
                 let fork = input.fork();
                 let word: Ident = fork.parse()?;
                 if word == "inline" {
@@ -94,7 +98,11 @@ impl Parse for CandidateArg {
             (Some(name), _, _) => name,
             (None, PredicateArg::Feature(f), _) => f.to_string(),
             (None, PredicateArg::Hypervisor(kind), _) => kind.value(),
-            (None, _, Target::Call(path)) => path.segments.last().map(|s| s.ident.to_string()).unwrap_or_default(),
+            (None, _, Target::Call(path)) => path
+                .segments
+                .last()
+                .map(|s| s.ident.to_string())
+                .unwrap_or_default(),
             (None, _, _) => {
                 return Err(Error::new(
                     span,
@@ -102,7 +110,12 @@ impl Parse for CandidateArg {
                 ));
             }
         };
-        Ok(CandidateArg { name, span, predicate, target })
+        Ok(CandidateArg {
+            name,
+            span,
+            predicate,
+            target,
+        })
     }
 }
 
@@ -112,7 +125,11 @@ impl Parse for PredicateArg {
         let list = |input: ParseStream<'_>| -> syn::Result<Vec<PredicateArg>> {
             let content;
             parenthesized!(content in input);
-            Ok(Punctuated::<PredicateArg, Token![,]>::parse_terminated(&content)?.into_iter().collect())
+            Ok(
+                Punctuated::<PredicateArg, Token![,]>::parse_terminated(&content)?
+                    .into_iter()
+                    .collect(),
+            )
         };
         match word.to_string().as_str() {
             "all" if input.peek(syn::token::Paren) => Ok(PredicateArg::All(list(input)?)),
@@ -120,7 +137,10 @@ impl Parse for PredicateArg {
             "not" if input.peek(syn::token::Paren) => {
                 let mut inner = list(input)?;
                 if inner.len() != 1 {
-                    return Err(Error::new(word.span(), "`not(...)` takes exactly one predicate"));
+                    return Err(Error::new(
+                        word.span(),
+                        "`not(...)` takes exactly one predicate",
+                    ));
                 }
                 Ok(PredicateArg::Not(Box::new(inner.remove(0))))
             }
@@ -200,7 +220,11 @@ impl PredicateArg {
             }
             PredicateArg::All(list) | PredicateArg::Any(list) => {
                 let items = list.iter().map(PredicateArg::to_tokens);
-                let variant = if matches!(self, PredicateArg::All(_)) { quote!(All) } else { quote!(Any) };
+                let variant = if matches!(self, PredicateArg::All(_)) {
+                    quote!(All)
+                } else {
+                    quote!(Any)
+                };
                 quote!(#p::#variant(&[#(#items),*]))
             }
         }
@@ -222,9 +246,8 @@ fn classify(ty: &Type) -> Option<Class> {
         Type::Path(p) if p.qself.is_none() => {
             let name = p.path.get_ident()?.to_string();
             match name.as_str() {
-                "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" | "bool" => {
-                    Some(Class::Int)
-                }
+                "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize"
+                | "bool" => Some(Class::Int),
                 "f32" | "f64" => Some(Class::Float),
                 _ => None,
             }
@@ -235,7 +258,9 @@ fn classify(ty: &Type) -> Option<Class> {
 }
 
 const INT_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
-const FLOAT_REGS: [&str; 8] = ["xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7"];
+const FLOAT_REGS: [&str; 8] = [
+    "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
+];
 
 const UNSUPPORTED_SIGNATURE: &str = "#[alternative(inline)] needs a signature that fits the C ABI in registers: up to six \
      integer, bool or raw-pointer arguments and up to eight f32/f64, returning one of those or (); \
@@ -251,7 +276,10 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
         ));
     }
     if let Some(a) = &sig.asyncness {
-        return Err(Error::new(a.span(), "#[alternative] cannot patch an `async fn`; patch the synchronous function it awaits"));
+        return Err(Error::new(
+            a.span(),
+            "#[alternative] cannot patch an `async fn`; patch the synchronous function it awaits",
+        ));
     }
     if args.inline.is_none() {
         return Err(Error::new(
@@ -262,7 +290,13 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
     let mut names = vec!["default".to_string()];
     for c in &args.candidates {
         if names.contains(&c.name) {
-            return Err(Error::new(c.span, format!("two candidates are named `{}`; name one with `other_name: predicate => target`", c.name)));
+            return Err(Error::new(
+                c.span,
+                format!(
+                    "two candidates are named `{}`; name one with `other_name: predicate => target`",
+                    c.name
+                ),
+            ));
         }
         names.push(c.name.clone());
     }
@@ -272,12 +306,19 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
     let mut params = Vec::new(); // (ident, type, register, class)
     for input in &sig.inputs {
         let FnArg::Typed(pt) = input else {
-            return Err(Error::new(input.span(), "#[alternative(inline)] does not support methods; use it on a free function"));
+            return Err(Error::new(
+                input.span(),
+                "#[alternative(inline)] does not support methods; use it on a free function",
+            ));
         };
         let Pat::Ident(pi) = &*pt.pat else {
-            return Err(Error::new(pt.pat.span(), "#[alternative(inline)] needs plain identifiers as argument patterns"));
+            return Err(Error::new(
+                pt.pat.span(),
+                "#[alternative(inline)] needs plain identifiers as argument patterns",
+            ));
         };
-        let class = classify(&pt.ty).ok_or_else(|| Error::new(pt.ty.span(), UNSUPPORTED_SIGNATURE))?;
+        let class =
+            classify(&pt.ty).ok_or_else(|| Error::new(pt.ty.span(), UNSUPPORTED_SIGNATURE))?;
         let reg = match class {
             Class::Int => INT_REGS.get(ints).inspect(|_| ints += 1),
             Class::Float => FLOAT_REGS.get(floats).inspect(|_| floats += 1),
@@ -288,13 +329,17 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
     let ret = match &sig.output {
         ReturnType::Default => None,
         ReturnType::Type(_, ty) if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) => None,
-        ReturnType::Type(_, ty) => {
-            Some(((**ty).clone(), classify(ty).ok_or_else(|| Error::new(ty.span(), UNSUPPORTED_SIGNATURE))?))
-        }
+        ReturnType::Type(_, ty) => Some((
+            (**ty).clone(),
+            classify(ty).ok_or_else(|| Error::new(ty.span(), UNSUPPORTED_SIGNATURE))?,
+        )),
     };
     for c in &args.candidates {
         if matches!(c.target, Target::Nop) && ret.is_some() {
-            return Err(Error::new(c.span, "a `nop` candidate leaves no return value: only a function returning () can have one"));
+            return Err(Error::new(
+                c.span,
+                "a `nop` candidate leaves no return value: only a function returning () can have one",
+            ));
         }
     }
 
@@ -321,7 +366,11 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
         blocks.push(match &c.target {
             Target::Call(path) => {
                 let shim = format_ident!("__altpatch_candidate_{}", i + 1);
-                let call = if unsafety.is_some() { quote!(unsafe { #path(#(#arg_names),*) }) } else { quote!(#path(#(#arg_names),*)) };
+                let call = if unsafety.is_some() {
+                    quote!(unsafe { #path(#(#arg_names),*) })
+                } else {
+                    quote!(#path(#(#arg_names),*))
+                };
                 shims.push(quote_spanned! {path.span()=>
                     #[allow(improper_ctypes_definitions)]
                     #unsafety extern "sysv64" fn #shim(#(#arg_names: #arg_types),*) #output {
@@ -352,11 +401,18 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
     });
     let (out_operand, ret_value) = match &ret {
         None => (quote!(), quote!(())),
-        Some((ty, Class::Int)) if quote!(#ty).to_string() == "bool" => {
-            (quote!(lateout("rax") __altpatch_ret,), quote!((__altpatch_ret as u8) != 0))
-        }
-        Some((ty, Class::Int)) => (quote!(lateout("rax") __altpatch_ret,), quote!(__altpatch_ret as #ty)),
-        Some((_, Class::Float)) => (quote!(lateout("xmm0") __altpatch_ret,), quote!(__altpatch_ret)),
+        Some((ty, Class::Int)) if quote!(#ty).to_string() == "bool" => (
+            quote!(lateout("rax") __altpatch_ret,),
+            quote!((__altpatch_ret as u8) != 0),
+        ),
+        Some((ty, Class::Int)) => (
+            quote!(lateout("rax") __altpatch_ret,),
+            quote!(__altpatch_ret as #ty),
+        ),
+        Some((_, Class::Float)) => (
+            quote!(lateout("xmm0") __altpatch_ret,),
+            quote!(__altpatch_ret),
+        ),
     };
     let ret_decl = match &ret {
         None => quote!(),
@@ -364,7 +420,11 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
         Some((ty, Class::Float)) => quote!(let __altpatch_ret: #ty;),
     };
     let kind = asm::KIND_CALL_SITE;
-    let unsafe_call = if unsafety.is_some() { quote!(unsafe) } else { quote!() };
+    let unsafe_call = if unsafety.is_some() {
+        quote!(unsafe)
+    } else {
+        quote!()
+    };
 
     Ok(quote! {
         #(#attrs)*

@@ -53,20 +53,33 @@ pub fn decode_site(site: &SiteReport) -> Vec<Instruction> {
     let bytes = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
     let mut decoder = Decoder::with_ip(64, bytes, site.addr as u64, DecoderOptions::NONE);
     let instrs: Vec<Instruction> = decoder.iter().collect();
-    assert!(instrs.iter().all(|i| !i.is_invalid()), "{} decodes: {bytes:02x?}", site.name);
+    assert!(
+        instrs.iter().all(|i| !i.is_invalid()),
+        "{} decodes: {bytes:02x?}",
+        site.name
+    );
     instrs
 }
 
 /// Where the record's block for `candidate` calls, relocated: what a patched site must call.
 pub fn candidate_call_target(site: &SiteReport, candidate: &str) -> u64 {
-    let index = site.candidates.iter().position(|c| *c == candidate).expect("candidate exists");
+    let index = site
+        .candidates
+        .iter()
+        .position(|c| *c == candidate)
+        .expect("candidate exists");
     let record = altpatch::__private::records()
         .iter()
         .find(|r| r.site_addr() == site.addr)
         .expect("the report's site has a record");
     let (bytes, ip) = record.replacement(index).expect("block exists");
     let call = Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE).decode();
-    assert_eq!(call.mnemonic(), Mnemonic::Call, "{candidate} of {} is a call", site.name);
+    assert_eq!(
+        call.mnemonic(),
+        Mnemonic::Call,
+        "{candidate} of {} is a call",
+        site.name
+    );
     call.near_branch_target()
 }
 

@@ -29,8 +29,14 @@ impl TextWriter for MprotectWriter {
             .map_err(|e| format!("cannot query page protection: {e}"))?;
         // SAFETY: the range holds the program's own code; adding write permission does not change
         // what executes, and `finish` restores the original protection.
-        unsafe { region::protect(pages.start as *const u8, pages.len(), region::Protection::READ_WRITE_EXECUTE) }
-            .map_err(|e| format!("mprotect(PROT_READ|PROT_WRITE|PROT_EXEC) refused: {e}"))?;
+        unsafe {
+            region::protect(
+                pages.start as *const u8,
+                pages.len(),
+                region::Protection::READ_WRITE_EXECUTE,
+            )
+        }
+        .map_err(|e| format!("mprotect(PROT_READ|PROT_WRITE|PROT_EXEC) refused: {e}"))?;
         for r in original {
             let range = r.as_range();
             let clipped = range.start.max(pages.start)..range.end.min(pages.end);
@@ -50,7 +56,9 @@ impl TextWriter for MprotectWriter {
         let mut failed = None;
         for (range, protection) in self.restore.drain(..) {
             // SAFETY: restores the protection these pages had before `prepare`.
-            if let Err(e) = unsafe { region::protect(range.start as *const u8, range.len(), protection) } {
+            if let Err(e) =
+                unsafe { region::protect(range.start as *const u8, range.len(), protection) }
+            {
                 failed = Some(format!("restoring protection of {range:#x?} failed: {e}"));
             }
         }
@@ -85,7 +93,10 @@ impl TextWriter for ProcMemWriter {
         let file = self.file.as_ref().ok_or("/proc/self/mem is not open")?;
         match file.write_at(bytes, addr as u64) {
             Ok(n) if n == bytes.len() => Ok(()),
-            Ok(n) => Err(format!("short write to /proc/self/mem: {n} of {} bytes", bytes.len())),
+            Ok(n) => Err(format!(
+                "short write to /proc/self/mem: {n} of {} bytes",
+                bytes.len()
+            )),
             Err(e) => Err(format!("write to /proc/self/mem failed: {e}")),
         }
     }
@@ -108,8 +119,19 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 6
 
 fn membarrier(cmd: libc::c_long) -> io::Result<()> {
     // SAFETY: membarrier takes no pointers; unknown commands fail with EINVAL.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_long, 0 as libc::c_long) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Registers this process for core-serializing membarriers (once; the result is remembered).
@@ -117,8 +139,9 @@ pub fn enable_sync_core() -> Result<(), String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
-            membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE)
-                .map_err(|e| format!("membarrier(REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) failed: {e}"))
+            membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE).map_err(|e| {
+                format!("membarrier(REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) failed: {e}")
+            })
         })
         .clone()
 }
@@ -138,14 +161,20 @@ pub fn sync_all_cores() -> Result<(), String> {
 pub struct SignalsBlocked(libc::sigset_t);
 
 impl SignalsBlocked {
-    /// Blocks them.
-    pub fn new() -> SignalsBlocked {
+    /// Blocks them until the value is dropped.
+    pub fn block() -> SignalsBlocked {
         // SAFETY: plain signal-mask manipulation of the current thread with valid sets.
         unsafe {
             let mut all: libc::sigset_t = core::mem::zeroed();
             let mut old: libc::sigset_t = core::mem::zeroed();
             libc::sigfillset(&mut all);
-            for sig in [libc::SIGTRAP, libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+            for sig in [
+                libc::SIGTRAP,
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGILL,
+                libc::SIGFPE,
+            ] {
                 libc::sigdelset(&mut all, sig);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
@@ -156,7 +185,7 @@ impl SignalsBlocked {
 
 impl Drop for SignalsBlocked {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved in `new`.
+        // SAFETY: restores the mask saved in `block`.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, core::ptr::null_mut()) };
     }
 }
@@ -202,7 +231,10 @@ pub fn install_trap_handler() -> Result<(), String> {
         libc::sigemptyset(&mut action.sa_mask);
         let mut old: libc::sigaction = core::mem::zeroed();
         if libc::sigaction(libc::SIGTRAP, &action, &mut old) != 0 {
-            return Err(format!("sigaction(SIGTRAP) failed: {}", io::Error::last_os_error()));
+            return Err(format!(
+                "sigaction(SIGTRAP) failed: {}",
+                io::Error::last_os_error()
+            ));
         }
         let _ = PREVIOUS.set(old);
     }
@@ -218,7 +250,10 @@ pub fn remember_patched(sites: impl IntoIterator<Item = usize>) {
     }
     new.sort_unstable();
     new.dedup();
-    let chunk = Box::new(PatchedChunk { sites: new.into_boxed_slice(), next: PATCHED.load(SeqCst) });
+    let chunk = Box::new(PatchedChunk {
+        sites: new.into_boxed_slice(),
+        next: PATCHED.load(SeqCst),
+    });
     PATCHED.store(Box::into_raw(chunk), SeqCst);
 }
 
@@ -281,7 +316,10 @@ unsafe fn handle_int3(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool
         Some(entry) => {
             let (rip, rsp) = (libc::REG_RIP as usize, libc::REG_RSP as usize);
             let (mut new_rip, mut new_rsp) = (gregs[rip] as u64, gregs[rsp] as u64);
-            let resume = Resume { rip: &mut new_rip, rsp: &mut new_rsp };
+            let resume = Resume {
+                rip: &mut new_rip,
+                rsp: &mut new_rsp,
+            };
             // SAFETY: call sites leave no live data below the stack pointer (see `emulate`).
             if unsafe { arch::emulate(site as u64, entry.len as u64, entry.shape, resume) } {
                 gregs[rip] = new_rip as i64;

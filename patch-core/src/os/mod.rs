@@ -16,7 +16,9 @@ impl MemoryMap {
     fn find(&self, addr: usize, len: usize) -> Option<&(Range<usize>, bool, bool)> {
         let end = addr.checked_add(len)?;
         let i = self.regions.partition_point(|(r, _, _)| r.end <= addr);
-        self.regions.get(i).filter(|(r, _, _)| r.start <= addr && end <= r.end)
+        self.regions
+            .get(i)
+            .filter(|(r, _, _)| r.start <= addr && end <= r.end)
     }
 
     /// Whether `addr..addr + len` lies in one readable mapping.
@@ -44,7 +46,11 @@ fn parse_maps_line(line: &str) -> Option<(Range<usize>, bool, bool)> {
     let (start, end) = fields.next()?.split_once('-')?;
     let perms = fields.next()?.as_bytes();
     let range = usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?;
-    Some((range, perms.first() == Some(&b'r'), perms.get(2) == Some(&b'x')))
+    Some((
+        range,
+        perms.first() == Some(&b'r'),
+        perms.get(2) == Some(&b'x'),
+    ))
 }
 
 /// The writer off x86_64 Linux: refuses everything (nothing is ever planned there anyway).
@@ -74,7 +80,10 @@ mod tests {
     #[test]
     fn maps_lines_are_parsed() {
         let line = "55d0c6a00000-55d0c6a21000 r-xp 00002000 fd:01 123 /usr/bin/x";
-        assert_eq!(parse_maps_line(line), Some((0x55d0c6a00000..0x55d0c6a21000, true, true)));
+        assert_eq!(
+            parse_maps_line(line),
+            Some((0x55d0c6a00000..0x55d0c6a21000, true, true))
+        );
         assert_eq!(parse_maps_line("garbage"), None);
     }
 
