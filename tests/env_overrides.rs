@@ -11,6 +11,11 @@ use common::*;
 
 /// Runs `child_entry` in a child process with `ALTPATCH=value`; returns its stdout.
 fn run_child(value: &str) -> String {
+    run_child_with(value, &[]).0
+}
+
+/// `run_child` with more environment variables; returns stdout and stderr.
+fn run_child_with(value: &str, env: &[(&str, &str)]) -> (String, String) {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -21,6 +26,8 @@ fn run_child(value: &str) -> String {
         ])
         .env("ALTPATCH", value)
         .env("ALTPATCH_TEST_CHILD", "1")
+        .env_remove("ALTPATCH_LOG")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -29,7 +36,7 @@ fn run_child(value: &str) -> String {
         "child with ALTPATCH={value} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
+    (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn line<'a>(stdout: &'a str, key: &str) -> &'a str {
@@ -127,4 +134,14 @@ fn malformed_values_are_clear_errors_and_patch_nothing() {
     // The site list names the program's sites.
     let out = run_child("nosuchsite=x");
     assert!(line(&out, "ERROR=").contains("env_overrides::common::mix"));
+}
+
+#[test]
+fn altpatch_log_prints_the_report_at_apply() {
+    let (_, quiet) = run_child_with("mix=bmi2", &[]);
+    assert!(!quiet.contains("altpatch:"), "{quiet}");
+    let (_, logged) = run_child_with("mix=bmi2", &[("ALTPATCH_LOG", "1")]);
+    assert!(logged.starts_with("altpatch: "), "{logged}");
+    assert!(logged.contains("env_overrides::common::mix"), "{logged}");
+    assert!(logged.contains("forced by ALTPATCH"), "{logged}");
 }

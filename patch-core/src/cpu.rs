@@ -18,7 +18,8 @@ use crate::{Feature, FeatureSet};
 pub trait CpuidSource {
     /// CPUID leaf/subleaf as `[eax, ebx, ecx, edx]`.
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
-    /// XCR0 as read by `XGETBV(0)`; `None` when the OS did not enable XSAVE (OSXSAVE clear) or off x86.
+    /// XCR0 as read by `XGETBV(0)`; `None` when the OS did not enable XSAVE (OSXSAVE clear) or
+    /// off x86.
     fn xcr0(&self) -> Option<u64>;
 }
 
@@ -41,39 +42,40 @@ const KVM_SIGNATURE: [u8; 12] = *b"KVMKVMKVM\0\0\0";
 pub struct NativeCpuid;
 
 impl CpuidSource for NativeCpuid {
-    #[cfg(target_arch = "x86_64")]
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
+        #[cfg(target_arch = "x86_64")]
+        {
+            let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (leaf, subleaf);
+            [0; 4]
+        }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
-    fn cpuid(&self, _leaf: u32, _subleaf: u32) -> [u32; 4] {
-        [0; 4]
-    }
-
-    #[cfg(target_arch = "x86_64")]
     fn xcr0(&self) -> Option<u64> {
         if self.cpuid(0, 0)[EAX] < 1 || self.cpuid(1, 0)[ECX] & LEAF1_ECX_OSXSAVE == 0 {
             return None;
         }
-        let (eax, edx): (u32, u32);
-        // SAFETY: CPUID.1:ECX.OSXSAVE is set, so the OS enabled CR4.OSXSAVE and XGETBV with
-        // ECX = 0 is valid at any privilege level; it only writes EAX and EDX.
-        unsafe {
-            core::arch::asm!(
-                "xgetbv",
-                in("ecx") 0u32,
-                out("eax") eax,
-                out("edx") edx,
-                options(nomem, nostack, preserves_flags),
-            );
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (eax, edx): (u32, u32);
+            // SAFETY: CPUID.1:ECX.OSXSAVE is set, so the OS enabled CR4.OSXSAVE and XGETBV with
+            // ECX = 0 is valid at any privilege level; it only writes EAX and EDX.
+            unsafe {
+                core::arch::asm!(
+                    "xgetbv",
+                    in("ecx") 0u32,
+                    out("eax") eax,
+                    out("edx") edx,
+                    options(nomem, nostack, preserves_flags),
+                );
+            }
+            Some(u64::from(edx) << 32 | u64::from(eax))
         }
-        Some(u64::from(edx) << 32 | u64::from(eax))
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    fn xcr0(&self) -> Option<u64> {
+        #[cfg(not(target_arch = "x86_64"))]
         None
     }
 }
@@ -104,10 +106,10 @@ impl FakeCpuid {
     #[must_use]
     pub fn with_features(mut self, features: FeatureSet) -> Self {
         for feature in features.iter() {
-            let (leaf, subleaf, reg, bit) = cpuid_bit(feature);
-            self.set_bit(leaf, subleaf, reg, bit);
+            let (leaf, reg, bit) = cpuid_bit(feature);
+            self.set_bits(leaf, reg, 1 << bit);
             if os_state_needed(feature) != 0 {
-                self.set_bit(1, 0, ECX, 27);
+                self.set_bits(1, ECX, LEAF1_ECX_OSXSAVE);
             }
         }
         self
@@ -127,10 +129,11 @@ impl FakeCpuid {
         self
     }
 
-    /// Sets the hypervisor bit (leaf 1 ECX\[31\]) and a vendor leaf at `base` with max leaf `base + 1`.
+    /// Sets the hypervisor bit (leaf 1 ECX\[31\]) and a vendor leaf at `base` (max leaf
+    /// `base + 1`, `signature` in EBX, ECX, EDX).
     #[must_use]
     pub fn with_hypervisor(mut self, signature: &[u8; 12], base: u32) -> Self {
-        self.set_bit(1, 0, ECX, 31);
+        self.set_bits(1, ECX, LEAF1_ECX_HYPERVISOR);
         let [b, c, d] = vendor_regs(signature);
         self.with_leaf(base, 0, [base + 1, b, c, d])
     }
@@ -138,24 +141,20 @@ impl FakeCpuid {
     /// A KVM signature at `base`, and leaf `base + 1` with `features_eax` and `hints_edx`.
     #[must_use]
     pub fn with_kvm(self, base: u32, features_eax: u32, hints_edx: u32) -> Self {
-        self.with_hypervisor(&KVM_SIGNATURE, base).with_leaf(
-            base + 1,
-            0,
-            [features_eax, 0, 0, hints_edx],
-        )
+        let leaf = [features_eax, 0, 0, hints_edx];
+        self.with_hypervisor(&KVM_SIGNATURE, base)
+            .with_leaf(base + 1, 0, leaf)
     }
 
-    fn set_bit(&mut self, leaf: u32, subleaf: u32, reg: usize, bit: u32) {
-        self.leaves.entry((leaf, subleaf)).or_default()[reg] |= 1 << bit;
+    fn set_bits(&mut self, leaf: u32, reg: usize, mask: u32) {
+        self.leaves.entry((leaf, 0)).or_default()[reg] |= mask;
     }
 }
 
 impl CpuidSource for FakeCpuid {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        self.leaves
-            .get(&(leaf, subleaf))
-            .copied()
-            .unwrap_or_default()
+        let regs = self.leaves.get(&(leaf, subleaf));
+        regs.copied().unwrap_or_default()
     }
 
     fn xcr0(&self) -> Option<u64> {
@@ -170,42 +169,70 @@ fn vendor_regs(s: &[u8; 12]) -> [u32; 3] {
     })
 }
 
-/// Where each feature's bit lives: (leaf, subleaf, register index, bit). Used by [`FakeCpuid`];
-/// detection decodes the same bits through `raw-cpuid`, so the round-trip tests check both.
-const fn cpuid_bit(feature: Feature) -> (u32, u32, usize, u32) {
-    match feature {
-        Feature::Sse3 => (1, 0, ECX, 0),
-        Feature::Pclmulqdq => (1, 0, ECX, 1),
-        Feature::Ssse3 => (1, 0, ECX, 9),
-        Feature::Fma => (1, 0, ECX, 12),
-        Feature::Cmpxchg16b => (1, 0, ECX, 13),
-        Feature::Sse4_1 => (1, 0, ECX, 19),
-        Feature::Sse4_2 => (1, 0, ECX, 20),
-        Feature::Movbe => (1, 0, ECX, 22),
-        Feature::Popcnt => (1, 0, ECX, 23),
-        Feature::Aes => (1, 0, ECX, 25),
-        Feature::Xsave => (1, 0, ECX, 26),
-        Feature::Avx => (1, 0, ECX, 28),
-        Feature::F16c => (1, 0, ECX, 29),
-        Feature::Rdrand => (1, 0, ECX, 30),
-        Feature::Bmi1 => (7, 0, EBX, 3),
-        Feature::Avx2 => (7, 0, EBX, 5),
-        Feature::Bmi2 => (7, 0, EBX, 8),
-        Feature::Erms => (7, 0, EBX, 9),
-        Feature::Avx512f => (7, 0, EBX, 16),
-        Feature::Avx512dq => (7, 0, EBX, 17),
-        Feature::Rdseed => (7, 0, EBX, 18),
-        Feature::Adx => (7, 0, EBX, 19),
-        Feature::Clflushopt => (7, 0, EBX, 23),
-        Feature::Clwb => (7, 0, EBX, 24),
-        Feature::Avx512cd => (7, 0, EBX, 28),
-        Feature::Sha => (7, 0, EBX, 29),
-        Feature::Avx512bw => (7, 0, EBX, 30),
-        Feature::Avx512vl => (7, 0, EBX, 31),
-        Feature::Fsrm => (7, 0, EDX, 4),
-        Feature::Lzcnt => (0x8000_0001, 0, ECX, 5),
-        Feature::Rdtscp => (0x8000_0001, 0, EDX, 27),
-    }
+/// One row per feature: where its bit lives (used by [`FakeCpuid`]) and the `raw-cpuid` accessor
+/// detection uses, so the round-trip tests check one against the other. FSRM is read from the raw
+/// leaf: `raw-cpuid` 11.6 truncates leaf 7 EDX to the bits it knows, which exclude bit 4.
+macro_rules! feature_bits {
+    ($($feature:ident = $leaf:literal $reg:ident $bit:literal $info:ident.$has:ident),+ $(,)?) => {
+        /// `(leaf, register index, bit)` of `feature` (subleaf 0).
+        const fn cpuid_bit(feature: Feature) -> (u32, usize, u32) {
+            match feature {
+                $(Feature::$feature => ($leaf, $reg, $bit),)+
+                Feature::Fsrm => (7, EDX, 4),
+            }
+        }
+
+        impl Leaves {
+            /// Whether the CPU reports `feature` (before the OS-support check).
+            fn has(&self, feature: Feature) -> bool {
+                match feature {
+                    $(Feature::$feature => self.$info.as_ref().is_some_and(|i| i.$has()),)+
+                    Feature::Fsrm => self.fsrm,
+                }
+            }
+        }
+    };
+}
+
+/// The feature leaves, decoded; `None` when the max leaf does not cover them.
+struct Leaves {
+    l1: Option<FeatureInfo>,
+    l7: Option<ExtendedFeatures>,
+    ext: Option<ExtendedProcessorFeatureIdentifiers>,
+    fsrm: bool,
+}
+
+feature_bits! {
+    Sse3 = 1 ECX 0 l1.has_sse3,
+    Pclmulqdq = 1 ECX 1 l1.has_pclmulqdq,
+    Ssse3 = 1 ECX 9 l1.has_ssse3,
+    Fma = 1 ECX 12 l1.has_fma,
+    Cmpxchg16b = 1 ECX 13 l1.has_cmpxchg16b,
+    Sse4_1 = 1 ECX 19 l1.has_sse41,
+    Sse4_2 = 1 ECX 20 l1.has_sse42,
+    Movbe = 1 ECX 22 l1.has_movbe,
+    Popcnt = 1 ECX 23 l1.has_popcnt,
+    Aes = 1 ECX 25 l1.has_aesni,
+    Xsave = 1 ECX 26 l1.has_xsave,
+    Avx = 1 ECX 28 l1.has_avx,
+    F16c = 1 ECX 29 l1.has_f16c,
+    Rdrand = 1 ECX 30 l1.has_rdrand,
+    Bmi1 = 7 EBX 3 l7.has_bmi1,
+    Avx2 = 7 EBX 5 l7.has_avx2,
+    Bmi2 = 7 EBX 8 l7.has_bmi2,
+    Erms = 7 EBX 9 l7.has_rep_movsb_stosb,
+    Avx512f = 7 EBX 16 l7.has_avx512f,
+    Avx512dq = 7 EBX 17 l7.has_avx512dq,
+    Rdseed = 7 EBX 18 l7.has_rdseed,
+    Adx = 7 EBX 19 l7.has_adx,
+    Clflushopt = 7 EBX 23 l7.has_clflushopt,
+    Clwb = 7 EBX 24 l7.has_clwb,
+    Avx512cd = 7 EBX 28 l7.has_avx512cd,
+    Sha = 7 EBX 29 l7.has_sha,
+    Avx512bw = 7 EBX 30 l7.has_avx512bw,
+    Avx512vl = 7 EBX 31 l7.has_avx512vl,
+    Lzcnt = 0x8000_0001 ECX 5 ext.has_lzcnt,
+    Rdtscp = 0x8000_0001 EDX 27 ext.has_rdtscp,
 }
 
 /// The XCR0 bits the OS must have enabled for `feature` to be usable (0: none).
@@ -234,79 +261,75 @@ const DEPENDS: &[(Feature, Feature)] = &[
     (Feature::Avx512vl, Feature::Avx512f),
 ];
 
-/// A hypervisor family, recognised by its CPUID signature.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum HypervisorKind {
-    /// Linux KVM (`"KVMKVMKVM\0\0\0"`).
-    Kvm,
-    /// Xen (`"XenVMMXenVMM"`).
-    Xen,
-    /// VMware (`"VMwareVMware"`).
-    VMware,
-    /// Microsoft Hyper-V, or another hypervisor's Hyper-V enlightenments (`"Microsoft Hv"`).
-    HyperV,
-    /// FreeBSD bhyve (`"bhyve bhyve "`).
-    Bhyve,
-    /// QEMU's TCG emulator (`"TCGTCGTCGTCG"`).
-    Qemu,
-    /// ACRN (`"ACRNACRNACRN"`).
-    Acrn,
-    /// An unrecognised signature.
-    Other,
+macro_rules! hypervisors {
+    ($($kind:ident = $name:literal $signature:literal $doc:literal,)+) => {
+        /// A hypervisor family, recognised by its CPUID signature.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum HypervisorKind {
+            $(#[doc = $doc] $kind,)+
+            /// An unrecognised signature.
+            Other,
+        }
+
+        impl HypervisorKind {
+            /// Every kind, in declaration order.
+            pub const ALL: &'static [HypervisorKind] =
+                &[$(HypervisorKind::$kind,)+ HypervisorKind::Other];
+
+            /// The lowercase name (`"kvm"`, `"hyperv"`, `"other"`).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(HypervisorKind::$kind => $name,)+
+                    HypervisorKind::Other => "other",
+                }
+            }
+
+            /// `from_name` usable in `const` items (exact lowercase names), so that the
+            /// `hypervisor = "..."` predicate of the macros fails at compile time when misspelt.
+            pub const fn from_name_const(name: &str) -> Option<HypervisorKind> {
+                let mut i = 0;
+                while i < Self::ALL.len() {
+                    if crate::feature::const_eq(name, Self::ALL[i].name()) {
+                        return Some(Self::ALL[i]);
+                    }
+                    i += 1;
+                }
+                None
+            }
+
+            /// The kind a 12-byte vendor signature names.
+            fn from_signature(signature: &[u8; 12]) -> HypervisorKind {
+                match signature {
+                    $($signature => HypervisorKind::$kind,)+
+                    _ => HypervisorKind::Other,
+                }
+            }
+        }
+    };
+}
+
+hypervisors! {
+    Kvm = "kvm" b"KVMKVMKVM\0\0\0" "Linux KVM.",
+    Xen = "xen" b"XenVMMXenVMM" "Xen.",
+    VMware = "vmware" b"VMwareVMware" "VMware.",
+    HyperV = "hyperv" b"Microsoft Hv" "Hyper-V, or another hypervisor's Hyper-V enlightenments.",
+    Bhyve = "bhyve" b"bhyve bhyve " "FreeBSD bhyve.",
+    Qemu = "qemu" b"TCGTCGTCGTCG" "QEMU's TCG emulator.",
+    Acrn = "acrn" b"ACRNACRNACRN" "ACRN.",
 }
 
 impl HypervisorKind {
-    /// Every kind, in declaration order.
-    pub const ALL: &'static [HypervisorKind] = &[
-        HypervisorKind::Kvm,
-        HypervisorKind::Xen,
-        HypervisorKind::VMware,
-        HypervisorKind::HyperV,
-        HypervisorKind::Bhyve,
-        HypervisorKind::Qemu,
-        HypervisorKind::Acrn,
-        HypervisorKind::Other,
-    ];
-
-    /// The lowercase name (`"kvm"`, `"hyperv"`).
-    pub const fn name(self) -> &'static str {
-        match self {
-            HypervisorKind::Kvm => "kvm",
-            HypervisorKind::Xen => "xen",
-            HypervisorKind::VMware => "vmware",
-            HypervisorKind::HyperV => "hyperv",
-            HypervisorKind::Bhyve => "bhyve",
-            HypervisorKind::Qemu => "qemu",
-            HypervisorKind::Acrn => "acrn",
-            HypervisorKind::Other => "other",
-        }
-    }
-
     /// Looks a kind up by name, ASCII case-insensitively; `"hyper-v"` is accepted too.
     pub fn from_name(name: &str) -> Option<HypervisorKind> {
         let name = name.trim();
-        if name.eq_ignore_ascii_case("hyper-v") {
-            return Some(HypervisorKind::HyperV);
-        }
-        HypervisorKind::ALL
-            .iter()
-            .copied()
-            .find(|k| name.eq_ignore_ascii_case(k.name()))
-    }
-
-    /// The kind a 12-byte vendor signature names.
-    fn from_signature(signature: &[u8; 12]) -> HypervisorKind {
-        match signature {
-            b"KVMKVMKVM\0\0\0" => HypervisorKind::Kvm,
-            b"XenVMMXenVMM" => HypervisorKind::Xen,
-            b"VMwareVMware" => HypervisorKind::VMware,
-            b"Microsoft Hv" => HypervisorKind::HyperV,
-            b"bhyve bhyve " => HypervisorKind::Bhyve,
-            b"TCGTCGTCGTCG" => HypervisorKind::Qemu,
-            b"ACRNACRNACRN" => HypervisorKind::Acrn,
-            _ => HypervisorKind::Other,
-        }
+        let name = if name.eq_ignore_ascii_case("hyper-v") {
+            "hyperv"
+        } else {
+            name
+        };
+        let mut all = HypervisorKind::ALL.iter().copied();
+        all.find(|k| name.eq_ignore_ascii_case(k.name()))
     }
 }
 
@@ -386,7 +409,7 @@ impl Hypervisor {
             if !plausible {
                 continue;
             }
-            let kvm = (kind == HypervisorKind::Kvm && max >= base + 1).then(|| {
+            let kvm = (kind == HypervisorKind::Kvm && max > base).then(|| {
                 let [eax, _, _, edx] = source.cpuid(base + 1, 0);
                 KvmFeatures::from_regs(eax, edx)
             });
@@ -439,74 +462,30 @@ impl Cpu {
     /// hypervisor.
     pub fn from_source(source: &impl CpuidSource) -> Cpu {
         let cpuid = CpuId::with_cpuid_reader(Reader(source));
-        let vendor = cpuid.get_vendor_info().map_or_else(String::new, |v| {
-            v.as_str().trim_end_matches('\0').to_owned()
-        });
-        let fi = cpuid.get_feature_info();
-        let ef = cpuid.get_extended_feature_info();
-        let ext = cpuid.get_extended_processor_and_feature_identifiers();
-        let l1 = |f: fn(&FeatureInfo) -> bool| fi.as_ref().is_some_and(f);
-        let l7 = |f: fn(&ExtendedFeatures) -> bool| ef.as_ref().is_some_and(f);
-        let lx = |f: fn(&ExtendedProcessorFeatureIdentifiers) -> bool| ext.as_ref().is_some_and(f);
-        // raw-cpuid 11.6 truncates leaf 7 EDX to the bits it knows, which excludes FSRM (bit 4).
-        let max_leaf = source.cpuid(0, 0)[EAX];
-        let fsrm = max_leaf >= 7 && source.cpuid(7, 0)[EDX] & (1 << 4) != 0;
-        let xcr0 = if l1(FeatureInfo::has_oxsave) {
-            source.xcr0()
-        } else {
-            None
+        let vendor = cpuid.get_vendor_info();
+        let vendor = vendor
+            .as_ref()
+            .map_or("", |v| v.as_str().trim_end_matches('\0'));
+        let leaves = Leaves {
+            l1: cpuid.get_feature_info(),
+            l7: cpuid.get_extended_feature_info(),
+            ext: cpuid.get_extended_processor_and_feature_identifiers(),
+            fsrm: source.cpuid(0, 0)[EAX] >= 7 && source.cpuid(7, 0)[EDX] & (1 << 4) != 0,
         };
-
-        let mut features = FeatureSet::EMPTY;
-        for &feature in Feature::ALL {
-            let cpu_has = match feature {
-                Feature::Sse3 => l1(FeatureInfo::has_sse3),
-                Feature::Ssse3 => l1(FeatureInfo::has_ssse3),
-                Feature::Sse4_1 => l1(FeatureInfo::has_sse41),
-                Feature::Sse4_2 => l1(FeatureInfo::has_sse42),
-                Feature::Popcnt => l1(FeatureInfo::has_popcnt),
-                Feature::Avx => l1(FeatureInfo::has_avx),
-                Feature::Fma => l1(FeatureInfo::has_fma),
-                Feature::F16c => l1(FeatureInfo::has_f16c),
-                Feature::Movbe => l1(FeatureInfo::has_movbe),
-                Feature::Aes => l1(FeatureInfo::has_aesni),
-                Feature::Pclmulqdq => l1(FeatureInfo::has_pclmulqdq),
-                Feature::Rdrand => l1(FeatureInfo::has_rdrand),
-                Feature::Xsave => l1(FeatureInfo::has_xsave),
-                Feature::Cmpxchg16b => l1(FeatureInfo::has_cmpxchg16b),
-                Feature::Bmi1 => l7(ExtendedFeatures::has_bmi1),
-                Feature::Bmi2 => l7(ExtendedFeatures::has_bmi2),
-                Feature::Avx2 => l7(ExtendedFeatures::has_avx2),
-                Feature::Avx512f => l7(ExtendedFeatures::has_avx512f),
-                Feature::Avx512dq => l7(ExtendedFeatures::has_avx512dq),
-                Feature::Avx512cd => l7(ExtendedFeatures::has_avx512cd),
-                Feature::Avx512bw => l7(ExtendedFeatures::has_avx512bw),
-                Feature::Avx512vl => l7(ExtendedFeatures::has_avx512vl),
-                Feature::Erms => l7(ExtendedFeatures::has_rep_movsb_stosb),
-                Feature::Clflushopt => l7(ExtendedFeatures::has_clflushopt),
-                Feature::Clwb => l7(ExtendedFeatures::has_clwb),
-                Feature::Sha => l7(ExtendedFeatures::has_sha),
-                Feature::Rdseed => l7(ExtendedFeatures::has_rdseed),
-                Feature::Adx => l7(ExtendedFeatures::has_adx),
-                Feature::Fsrm => fsrm,
-                Feature::Lzcnt => lx(ExtendedProcessorFeatureIdentifiers::has_lzcnt),
-                Feature::Rdtscp => lx(ExtendedProcessorFeatureIdentifiers::has_rdtscp),
-            };
-            let need = os_state_needed(feature);
-            let os_has = need == 0 || xcr0.is_some_and(|x| x & need == need);
-            if cpu_has && os_has {
-                features.insert(feature);
-            }
-        }
-        let hypervisor = if l1(FeatureInfo::has_hypervisor) {
-            Hypervisor::scan(source)
-        } else {
-            None
-        };
+        let l1 = |has: fn(&FeatureInfo) -> bool| leaves.l1.as_ref().is_some_and(has);
+        let xcr0 = l1(FeatureInfo::has_oxsave).then(|| source.xcr0()).flatten();
+        let os_has = |need: u64| need == 0 || xcr0.is_some_and(|x| x & need == need);
+        let features = Feature::ALL
+            .iter()
+            .copied()
+            .filter(|&f| leaves.has(f) && os_has(os_state_needed(f)))
+            .collect();
+        let hypervisor = l1(FeatureInfo::has_hypervisor).then(|| Hypervisor::scan(source));
+        let vendor = vendor.to_owned();
         Cpu {
             vendor,
             features,
-            hypervisor,
+            hypervisor: hypervisor.flatten(),
         }
     }
 
@@ -540,8 +519,9 @@ impl Cpu {
         &self.vendor
     }
 
-    /// This CPU with `cleared` removed, like the kernel's `clearcpuid=`: features that depend on a
-    /// cleared one go too (avx → avx2, fma, f16c, avx512*; avx512f → other avx512*; xsave → avx).
+    /// This CPU with `cleared` removed, like the kernel's `clearcpuid=`: features that depend on
+    /// a cleared one go too (avx → avx2, fma, f16c, avx512*; avx512f → other avx512*;
+    /// xsave → avx and everything above it).
     #[must_use]
     pub fn without(&self, cleared: FeatureSet) -> Cpu {
         let mut gone = cleared;
@@ -565,11 +545,8 @@ impl Cpu {
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let vendor = if self.vendor.is_empty() {
-            "unknown"
-        } else {
-            &self.vendor
-        };
+        let vendor = Some(self.vendor.as_str()).filter(|v| !v.is_empty());
+        let vendor = vendor.unwrap_or("unknown");
         write!(
             f,
             "vendor {vendor}; features [{}]; hypervisor ",
@@ -578,27 +555,18 @@ impl fmt::Display for Cpu {
         let Some(hv) = &self.hypervisor else {
             return f.write_str("none");
         };
-        write!(
-            f,
-            "{} ({:?} at {:#x})",
-            hv.kind,
-            hv.signature_str(),
-            hv.base_leaf
-        )?;
+        let (kind, signature, base) = (hv.kind, hv.signature_str(), hv.base_leaf);
+        write!(f, "{kind} ({signature:?} at {base:#x})")?;
         if let Some(kvm) = &hv.kvm {
-            write!(
-                f,
-                " kvm features {:#x} hints {:#x}",
-                kvm.raw_features, kvm.raw_hints
-            )?;
-            for (on, name) in [
+            let (features, hints) = (kvm.raw_features, kvm.raw_hints);
+            write!(f, " kvm features {features:#x} hints {hints:#x}")?;
+            let flags = [
                 (kvm.pv_unhalt, "pv_unhalt"),
                 (kvm.steal_time, "steal_time"),
                 (kvm.hints_realtime, "hints_realtime"),
-            ] {
-                if on {
-                    write!(f, " {name}")?;
-                }
+            ];
+            for (_, name) in flags.into_iter().filter(|flag| flag.0) {
+                write!(f, " {name}")?;
             }
         }
         Ok(())
@@ -608,12 +576,21 @@ impl fmt::Display for Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Feature::*;
 
     fn set(features: &[Feature]) -> FeatureSet {
         features.iter().copied().collect()
     }
 
-    /// `fake` with `regs[reg] &= !mask` on one leaf.
+    fn detected(fake: &FakeCpuid) -> FeatureSet {
+        Cpu::from_source(fake).features()
+    }
+
+    fn hypervisor(fake: &FakeCpuid) -> Option<Hypervisor> {
+        Cpu::from_source(fake).hypervisor().copied()
+    }
+
+    /// `fake` with `mask` cleared in one register of leaf `leaf`.
     fn clear_bits(fake: FakeCpuid, leaf: u32, reg: usize, mask: u32) -> FakeCpuid {
         let mut regs = fake.cpuid(leaf, 0);
         regs[reg] &= !mask;
@@ -623,9 +600,10 @@ mod tests {
     #[test]
     fn plain_fake_has_vendor_and_no_features() {
         let cpu = Cpu::from_source(&FakeCpuid::new());
-        assert_eq!(cpu.vendor(), "GenuineIntel");
-        assert!(cpu.features().is_empty());
-        assert_eq!(cpu.hypervisor(), None);
+        assert_eq!(
+            (cpu.vendor(), cpu.features(), cpu.hypervisor()),
+            ("GenuineIntel", FeatureSet::EMPTY, None)
+        );
         let [b, d, c] = vendor_regs(b"AuthenticAMD");
         let amd = FakeCpuid::new().with_leaf(0, 0, [0xd, b, c, d]);
         assert_eq!(Cpu::from_source(&amd).vendor(), "AuthenticAMD");
@@ -643,129 +621,93 @@ mod tests {
 
     #[test]
     fn mixed_and_full_sets_round_trip() {
-        use Feature::*;
         let mixed = set(&[
-            Sse4_2, Popcnt, Lzcnt, Bmi2, Avx2, Fma, Avx512vl, Fsrm, Rdtscp, Sha, Cmpxchg16b,
+            Sse4_2, Popcnt, Lzcnt, Bmi2, Avx2, Fma, Avx512vl, Fsrm, Rdtscp, Sha,
         ]);
-        assert_eq!(
-            Cpu::from_source(&FakeCpuid::new().with_features(mixed)).features(),
-            mixed
-        );
-        let all: FeatureSet = Feature::ALL.iter().copied().collect();
-        assert_eq!(
-            Cpu::from_source(&FakeCpuid::new().with_features(all)).features(),
-            all
-        );
+        assert_eq!(detected(&FakeCpuid::new().with_features(mixed)), mixed);
+        let all = set(Feature::ALL);
+        assert_eq!(detected(&FakeCpuid::new().with_features(all)), all);
     }
 
     #[test]
     fn leaves_beyond_the_max_leaf_are_not_read() {
-        use Feature::*;
         let fake = FakeCpuid::new().with_features(set(&[Popcnt, Avx2, Fsrm, Lzcnt]));
         let [_, b, c, d] = fake.cpuid(0, 0);
-        let fake =
-            fake.with_leaf(0, 0, [1, b, c, d])
-                .with_leaf(0x8000_0000, 0, [0x8000_0000, 0, 0, 0]);
-        assert_eq!(Cpu::from_source(&fake).features(), set(&[Popcnt]));
+        let fake = fake.with_leaf(0, 0, [1, b, c, d]);
+        let fake = fake.with_leaf(0x8000_0000, 0, [0x8000_0000, 0, 0, 0]);
+        assert_eq!(detected(&fake), set(&[Popcnt]));
     }
 
     #[test]
     fn avx_needs_osxsave_and_xcr0_avx_state() {
-        use Feature::*;
         let fake = FakeCpuid::new().with_features(set(&[Avx, Avx2, Fma, F16c, Popcnt, Xsave]));
+        assert_eq!(detected(&fake), set(&[Avx, Avx2, Fma, F16c, Popcnt, Xsave]));
+        let plain = set(&[Popcnt, Xsave]);
+        assert_eq!(detected(&fake.clone().with_xcr0(Some(0b011))), plain);
+        assert_eq!(detected(&fake.clone().with_xcr0(None)), plain);
+        // OSXSAVE clear: XCR0 is not consulted, although the fake would answer.
         assert_eq!(
-            Cpu::from_source(&fake).features(),
-            set(&[Avx, Avx2, Fma, F16c, Popcnt, Xsave])
-        );
-        let no_ymm = fake.clone().with_xcr0(Some(0b011));
-        assert_eq!(Cpu::from_source(&no_ymm).features(), set(&[Popcnt, Xsave]));
-        let no_xcr0 = fake.clone().with_xcr0(None);
-        assert_eq!(Cpu::from_source(&no_xcr0).features(), set(&[Popcnt, Xsave]));
-        // OSXSAVE clear: XCR0 must not even be consulted, although the fake would answer.
-        let no_osxsave = clear_bits(fake, 1, ECX, LEAF1_ECX_OSXSAVE);
-        assert_eq!(
-            Cpu::from_source(&no_osxsave).features(),
-            set(&[Popcnt, Xsave])
+            detected(&clear_bits(fake, 1, ECX, LEAF1_ECX_OSXSAVE)),
+            plain
         );
     }
 
     #[test]
     fn avx512_needs_zmm_state() {
-        use Feature::*;
         let fake = FakeCpuid::new().with_features(set(&[Avx, Avx2, Avx512f, Avx512bw, Avx512vl]));
-        assert!(Cpu::from_source(&fake).has(Avx512f));
-        let ymm_only = fake.with_xcr0(Some(0b111));
-        assert_eq!(Cpu::from_source(&ymm_only).features(), set(&[Avx, Avx2]));
+        assert!(detected(&fake).contains(Avx512f));
+        assert_eq!(detected(&fake.with_xcr0(Some(0b111))), set(&[Avx, Avx2]));
         let no_hi16 = FakeCpuid::new()
             .with_features(set(&[Avx512f]))
             .with_xcr0(Some(0b0110_0111));
-        assert!(!Cpu::from_source(&no_hi16).has(Avx512f));
+        assert_eq!(detected(&no_hi16), FeatureSet::EMPTY);
     }
 
     #[test]
     fn kvm_at_the_first_base_with_features_decoded() {
         let fake = FakeCpuid::new().with_kvm(0x4000_0000, (1 << 7) | (1 << 5) | (1 << 3), 1);
-        let cpu = Cpu::from_source(&fake);
-        let hv = cpu.hypervisor().expect("hypervisor");
-        assert_eq!(hv.kind, HypervisorKind::Kvm);
-        assert_eq!(hv.base_leaf, 0x4000_0000);
+        let hv = hypervisor(&fake).expect("hypervisor");
+        assert_eq!((hv.kind, hv.base_leaf), (HypervisorKind::Kvm, 0x4000_0000));
         assert_eq!(hv.signature_str(), "KVMKVMKVM");
-        let kvm = hv.kvm.expect("kvm features");
-        assert_eq!(
-            kvm,
-            KvmFeatures {
-                pv_unhalt: true,
-                steal_time: true,
-                hints_realtime: true,
-                raw_features: 0xa8,
-                raw_hints: 1
-            }
+        let expected = KvmFeatures {
+            pv_unhalt: true,
+            steal_time: true,
+            hints_realtime: true,
+            raw_features: 0xa8,
+            raw_hints: 1,
+        };
+        assert_eq!(hv.kvm, Some(expected));
+        let quiet = hypervisor(&FakeCpuid::new().with_kvm(0x4000_0000, 1 << 3, 0)).unwrap();
+        let expected = KvmFeatures {
+            raw_features: 8,
+            ..KvmFeatures::default()
+        };
+        assert_eq!(quiet.kvm, Some(expected));
+        let line = Cpu::from_source(&fake).to_string();
+        let want = concat!(
+            r#"vendor GenuineIntel; features []; hypervisor kvm ("KVMKVMKVM" at 0x40000000)"#,
+            " kvm features 0xa8 hints 0x1 pv_unhalt steal_time hints_realtime",
         );
-        let quiet = Cpu::from_source(&FakeCpuid::new().with_kvm(0x4000_0000, 1 << 3, 0));
-        let quiet = quiet.hypervisor().unwrap().kvm.unwrap();
-        assert!(!quiet.pv_unhalt && !quiet.steal_time && !quiet.hints_realtime);
-        assert_eq!(quiet.raw_features, 8);
-        let line = cpu.to_string();
-        assert!(
-            line.contains("GenuineIntel") && line.contains("kvm") && line.contains("pv_unhalt"),
-            "{line}"
-        );
-        assert!(
-            line.contains("hints_realtime") && line.contains("0x40000000"),
-            "{line}"
-        );
+        assert_eq!(line, want);
     }
 
     #[test]
     fn kvm_feature_leaf_only_read_when_in_range() {
         let [b, c, d] = vendor_regs(&KVM_SIGNATURE);
-        let fake = FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1).with_leaf(
-            0x4000_0000,
-            0,
-            [0x4000_0000, b, c, d],
-        );
-        let cpu = Cpu::from_source(&fake);
-        let hv = cpu.hypervisor().unwrap();
+        let fake = FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1);
+        let hv = hypervisor(&fake.with_leaf(0x4000_0000, 0, [0x4000_0000, b, c, d])).unwrap();
         assert_eq!((hv.kind, hv.kvm), (HypervisorKind::Kvm, None));
     }
 
     #[test]
     fn kvm_behind_hyperv_enlightenments_wins() {
-        let fake = FakeCpuid::new()
-            .with_hypervisor(b"Microsoft Hv", 0x4000_0000)
-            .with_kvm(0x4000_0100, 1 << 7, 0);
-        let cpu = Cpu::from_source(&fake);
-        let hv = cpu.hypervisor().unwrap();
+        let hyperv = FakeCpuid::new().with_hypervisor(b"Microsoft Hv", 0x4000_0000);
+        let hv = hypervisor(&hyperv.clone().with_kvm(0x4000_0100, 1 << 7, 0)).unwrap();
         assert_eq!((hv.kind, hv.base_leaf), (HypervisorKind::Kvm, 0x4000_0100));
         assert!(hv.kvm.unwrap().pv_unhalt);
         // Without KVM, the first signature found wins.
-        let xen = FakeCpuid::new()
-            .with_hypervisor(b"Microsoft Hv", 0x4000_0000)
-            .with_hypervisor(b"XenVMMXenVMM", 0x4000_0100);
-        assert_eq!(
-            Cpu::from_source(&xen).hypervisor().unwrap().kind,
-            HypervisorKind::HyperV
-        );
+        let xen = hyperv.with_hypervisor(b"XenVMMXenVMM", 0x4000_0100);
+        assert_eq!(hypervisor(&xen).unwrap().kind, HypervisorKind::HyperV);
     }
 
     #[test]
@@ -779,47 +721,50 @@ mod tests {
             (b"ACRNACRNACRN", HypervisorKind::Acrn),
             (b"FooBarBazQux", HypervisorKind::Other),
         ] {
-            let cpu = Cpu::from_source(&FakeCpuid::new().with_hypervisor(sig, 0x4000_0000));
-            let hv = cpu.hypervisor().unwrap();
+            let hv = hypervisor(&FakeCpuid::new().with_hypervisor(sig, 0x4000_0000)).unwrap();
             assert_eq!((hv.kind, hv.base_leaf, hv.kvm), (kind, 0x4000_0000, None));
             assert_eq!(hv.signature_str().as_bytes(), sig);
         }
-        // Xen can sit at 0x40000100 (after its own Viridian leaves are disabled).
-        let cpu = Cpu::from_source(&FakeCpuid::new().with_hypervisor(b"XenVMMXenVMM", 0x4000_0100));
-        assert_eq!(cpu.hypervisor().unwrap().base_leaf, 0x4000_0100);
+        let xen = hypervisor(&FakeCpuid::new().with_hypervisor(b"XenVMMXenVMM", 0x4000_0100));
+        assert_eq!(
+            xen.map(|hv| (hv.kind, hv.base_leaf)),
+            Some((HypervisorKind::Xen, 0x4000_0100))
+        );
+        // An unknown signature whose max leaf is outside its block is stray data, not a hypervisor.
+        let stray = FakeCpuid::new().with_hypervisor(b"FooBarBazQux", 0x4000_0000);
+        let [_, b, c, d] = stray.cpuid(0x4000_0000, 0);
+        assert_eq!(
+            hypervisor(&stray.with_leaf(0x4000_0000, 0, [0xd, b, c, d])),
+            None
+        );
     }
 
     #[test]
     fn no_hypervisor_bit_means_none() {
-        let fake = clear_bits(
-            FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1),
-            1,
-            ECX,
-            LEAF1_ECX_HYPERVISOR,
-        );
-        let cpu = Cpu::from_source(&fake);
+        let kvm = FakeCpuid::new().with_kvm(0x4000_0000, 1 << 7, 1);
+        let cpu = Cpu::from_source(&clear_bits(kvm, 1, ECX, LEAF1_ECX_HYPERVISOR));
         assert_eq!(cpu.hypervisor(), None);
         assert!(cpu.to_string().ends_with("hypervisor none"));
         // The bit alone, with no vendor leaf, is not a hypervisor either.
         let bare = FakeCpuid::new().with_leaf(1, 0, [0, 0, LEAF1_ECX_HYPERVISOR, 0]);
-        assert_eq!(Cpu::from_source(&bare).hypervisor(), None);
+        assert_eq!(hypervisor(&bare), None);
     }
 
     #[test]
     fn without_clears_dependants() {
-        use Feature::*;
         let cpu = Cpu::synthetic(
             set(&[Xsave, Avx, Avx2, Fma, F16c, Avx512f, Avx512vl, Popcnt]),
             None,
         );
-        assert_eq!(cpu.without(set(&[Avx])).features(), set(&[Xsave, Popcnt]));
+        let without = |cleared: &[Feature]| cpu.without(set(cleared)).features();
+        assert_eq!(without(&[Avx]), set(&[Xsave, Popcnt]));
         assert_eq!(
-            cpu.without(set(&[Avx512f])).features(),
+            without(&[Avx512f]),
             set(&[Xsave, Avx, Avx2, Fma, F16c, Popcnt])
         );
-        assert_eq!(cpu.without(set(&[Xsave])).features(), set(&[Popcnt]));
+        assert_eq!(without(&[Xsave]), set(&[Popcnt]));
         assert_eq!(
-            cpu.without(set(&[Avx2])).features(),
+            without(&[Avx2]),
             set(&[Xsave, Avx, Fma, F16c, Avx512f, Avx512vl, Popcnt])
         );
         assert_eq!(cpu.without(FeatureSet::EMPTY), cpu);
@@ -842,42 +787,19 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn detect_agrees_with_std() {
-        use Feature::*;
-        use std::arch::is_x86_feature_detected as std_has;
         let cpu = Cpu::detect();
         eprintln!("{cpu}");
-        let pairs = [
-            (Sse3, std_has!("sse3")),
-            (Ssse3, std_has!("ssse3")),
-            (Sse4_1, std_has!("sse4.1")),
-            (Sse4_2, std_has!("sse4.2")),
-            (Popcnt, std_has!("popcnt")),
-            (Lzcnt, std_has!("lzcnt")),
-            (Bmi1, std_has!("bmi1")),
-            (Bmi2, std_has!("bmi2")),
-            (Avx, std_has!("avx")),
-            (Avx2, std_has!("avx2")),
-            (Fma, std_has!("fma")),
-            (F16c, std_has!("f16c")),
-            (Avx512f, std_has!("avx512f")),
-            (Avx512dq, std_has!("avx512dq")),
-            (Avx512cd, std_has!("avx512cd")),
-            (Avx512bw, std_has!("avx512bw")),
-            (Avx512vl, std_has!("avx512vl")),
-            (Erms, std_has!("ermsb")),
-            (Movbe, std_has!("movbe")),
-            (Sha, std_has!("sha")),
-            (Aes, std_has!("aes")),
-            (Pclmulqdq, std_has!("pclmulqdq")),
-            (Rdrand, std_has!("rdrand")),
-            (Rdseed, std_has!("rdseed")),
-            (Adx, std_has!("adx")),
-            (Xsave, std_has!("xsave")),
-            (Cmpxchg16b, std_has!("cmpxchg16b")),
-        ];
-        for (feature, std_says) in pairs {
-            assert_eq!(cpu.has(feature), std_says, "{feature}: ours vs std");
+        macro_rules! agree {
+            ($($feature:ident $std:tt),+) => {
+                $(assert_eq!(cpu.has($feature), std::arch::is_x86_feature_detected!($std), $std);)+
+            };
         }
+        agree!(Sse3 "sse3", Ssse3 "ssse3", Sse4_1 "sse4.1", Sse4_2 "sse4.2", Popcnt "popcnt");
+        agree!(Lzcnt "lzcnt", Bmi1 "bmi1", Bmi2 "bmi2", Avx "avx", Avx2 "avx2", Fma "fma");
+        agree!(F16c "f16c", Avx512f "avx512f", Avx512dq "avx512dq", Avx512cd "avx512cd");
+        agree!(Avx512bw "avx512bw", Avx512vl "avx512vl", Erms "ermsb", Movbe "movbe", Sha "sha");
+        agree!(Aes "aes", Pclmulqdq "pclmulqdq", Rdrand "rdrand", Rdseed "rdseed", Adx "adx");
+        agree!(Xsave "xsave", Cmpxchg16b "cmpxchg16b");
         assert!(!cpu.vendor().is_empty());
         assert_eq!(Cpu::detect(), cpu, "detection is deterministic");
     }

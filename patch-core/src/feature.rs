@@ -82,7 +82,8 @@ features! {
     Cmpxchg16b = "cmpxchg16b" | "cx16",
 }
 
-const fn const_eq(a: &str, b: &str) -> bool {
+/// String equality in `const` context.
+pub(crate) const fn const_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

@@ -23,6 +23,8 @@ pub enum Predicate {
     AnyHypervisor,
     /// Running under this kind of hypervisor.
     Hypervisor(HypervisorKind),
+    /// KVM promises its vCPUs are never preempted (`KVM_HINTS_REALTIME`): spinning is safe.
+    KvmHintsRealtime,
     /// The inner predicate does not hold.
     Not(&'static Predicate),
     /// Every inner predicate holds.
@@ -41,6 +43,10 @@ impl Predicate {
             Predicate::Feature(f) => cpu.has(*f),
             Predicate::AnyHypervisor => cpu.hypervisor().is_some(),
             Predicate::Hypervisor(kind) => cpu.hypervisor().is_some_and(|h| h.kind == *kind),
+            Predicate::KvmHintsRealtime => cpu
+                .hypervisor()
+                .and_then(|h| h.kvm)
+                .is_some_and(|kvm| kvm.hints_realtime),
             Predicate::Not(p) => !p.holds(cpu),
             Predicate::All(ps) => ps.iter().all(|p| p.holds(cpu)),
             Predicate::Any(ps) => ps.iter().any(|p| p.holds(cpu)),
@@ -67,6 +73,7 @@ impl fmt::Display for Predicate {
             Predicate::Feature(feature) => f.write_str(feature.name()),
             Predicate::AnyHypervisor => f.write_str("hypervisor"),
             Predicate::Hypervisor(kind) => write!(f, "hypervisor = \"{}\"", kind.name()),
+            Predicate::KvmHintsRealtime => f.write_str("kvm_hints_realtime"),
             Predicate::Not(p) => write!(f, "not({p})"),
             Predicate::All(ps) => list(f, "all", ps),
             Predicate::Any(ps) => list(f, "any", ps),
@@ -217,6 +224,33 @@ mod tests {
     }
 
     #[test]
+    fn hypervisor_predicates_on_a_faked_kvm_guest() {
+        use crate::cpu::FakeCpuid;
+        const KVM_HINTS_REALTIME: u32 = 1;
+        let kvm = Cpu::from_source(&FakeCpuid::new().with_kvm(0x4000_0000, 0, 0));
+        let realtime =
+            Cpu::from_source(&FakeCpuid::new().with_kvm(0x4000_0000, 0, KVM_HINTS_REALTIME));
+        let xen = Cpu::from_source(&FakeCpuid::new().with_hypervisor(b"XenVMMXenVMM", 0x4000_0000));
+        let bare = cpu(&[]);
+        let is_kvm = Predicate::Hypervisor(HypervisorKind::Kvm);
+        assert_eq!(
+            [&kvm, &realtime, &xen, &bare].map(|c| is_kvm.holds(c)),
+            [true, true, false, false]
+        );
+        let any = Predicate::AnyHypervisor;
+        assert_eq!(
+            [&kvm, &realtime, &xen, &bare].map(|c| any.holds(c)),
+            [true, true, true, false]
+        );
+        let rt = Predicate::KvmHintsRealtime;
+        assert_eq!(
+            [&kvm, &realtime, &xen, &bare].map(|c| rt.holds(c)),
+            [false, true, false, false]
+        );
+        assert_eq!(rt.to_string(), "kvm_hints_realtime");
+    }
+
+    #[test]
     fn combinators_and_display() {
         static NOT_AVX: Predicate = Predicate::Not(&Predicate::Feature(Feature::Avx));
         assert!(NOT_AVX.holds(&cpu(&[])));
@@ -226,6 +260,11 @@ mod tests {
                 .holds(&cpu(&[Feature::Avx]))
         );
         assert!(!Predicate::Hypervisor(HypervisorKind::Kvm).holds(&cpu(&[])));
+        assert_eq!(
+            HypervisorKind::from_name_const("kvm"),
+            Some(HypervisorKind::Kvm)
+        );
+        assert_eq!(HypervisorKind::from_name_const("kvmm"), None);
         assert!(Predicate::When("yes", || true).holds(&cpu(&[])));
         assert_eq!(Predicate::When("yes", || true).to_string(), "when = yes");
         assert_eq!(SUM.candidates[1].predicate.to_string(), "all(avx2, bmi2)");

@@ -37,6 +37,7 @@ struct CandidateArg {
 enum PredicateArg {
     Feature(Ident),
     AnyHypervisor,
+    KvmHintsRealtime,
     Hypervisor(LitStr),
     When(Path),
     Not(Box<PredicateArg>),
@@ -149,6 +150,7 @@ impl Parse for PredicateArg {
                 Ok(PredicateArg::Hypervisor(input.parse()?))
             }
             "hypervisor" => Ok(PredicateArg::AnyHypervisor),
+            "kvm_hints_realtime" => Ok(PredicateArg::KvmHintsRealtime),
             "when" => {
                 input.parse::<Token![=]>()?;
                 Ok(PredicateArg::When(input.parse()?))
@@ -198,6 +200,7 @@ impl PredicateArg {
                 }
             }
             PredicateArg::AnyHypervisor => quote!(#p::AnyHypervisor),
+            PredicateArg::KvmHintsRealtime => quote!(#p::KvmHintsRealtime),
             PredicateArg::Hypervisor(kind) => {
                 let message = format!(
                     "altpatch: unknown hypervisor `{}`; expected kvm, xen, vmware, hyperv, bhyve, qemu, acrn or other",
@@ -400,7 +403,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
         Class::Float => quote!(in(#reg) #ident),
     });
     let (out_operand, ret_value) = match &ret {
-        None => (quote!(), quote!(())),
+        None => (quote!(), quote!()),
         Some((ty, Class::Int)) if quote!(#ty).to_string() == "bool" => (
             quote!(lateout("rax") __altpatch_ret,),
             quote!((__altpatch_ret as u8) != 0),

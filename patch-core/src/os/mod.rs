@@ -90,7 +90,7 @@ mod tests {
     #[test]
     fn this_function_is_executable_and_not_past_its_mapping() {
         let map = memory_map();
-        let here = maps_lines_are_parsed as usize;
+        let here = maps_lines_are_parsed as *const () as usize;
         assert!(map.is_executable(here, 16));
         assert!(!map.is_executable(0, 16));
         assert!(!map.is_readable(usize::MAX - 4, 16));
