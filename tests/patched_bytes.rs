@@ -83,3 +83,45 @@ fn a_nop_candidate_leaves_only_nops() {
         );
     }
 }
+
+#[test]
+fn sites_sharing_a_name_take_one_choice_and_keep_their_predicate_text() {
+    let _lock = patch_lock();
+    let report = Patcher::new()
+        .cpu(cpu_with(&[]))
+        .overrides_str("shared_hook=loud")
+        .apply();
+    let shared: Vec<_> = report.site("shared_hook").collect();
+    assert_eq!(shared.len(), 2, "{report}");
+    assert!(
+        shared
+            .iter()
+            .all(|s| s.chosen == "loud" && s.how == How::Nop),
+        "{report}"
+    );
+    let before = HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst);
+    shared_hook_a(black_box(1));
+    shared_hook_b(black_box(1));
+    assert_eq!(HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst), before, "both are NOPs");
+    let record = altpatch::__private::records()
+        .iter()
+        .find(|r| r.site_addr() == shared[0].addr)
+        .unwrap();
+    let texts: Vec<_> = record
+        .descriptor()
+        .candidates
+        .iter()
+        .map(|c| c.predicate_text)
+        .collect();
+    assert_eq!(
+        texts,
+        ["always", "not(hypervisor)", "all(avx2, not(avx512f))"]
+    );
+    for c in record.descriptor().candidates {
+        assert_eq!(
+            c.predicate.to_string(),
+            c.predicate_text,
+            "Display and source text agree"
+        );
+    }
+}

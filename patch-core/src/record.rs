@@ -59,9 +59,12 @@ impl SiteKind {
 }
 
 /// A site's static description, shared by all inlined copies of it.
+///
+/// `#[repr(C)]` so tools can read it out of a built binary (`altpatch-inspect`).
+#[repr(C)]
 #[derive(Debug)]
 pub struct SiteDescriptor {
-    /// Full name: `module::path::function`.
+    /// Full name: `module::path::function`, or the name given with `name = "..."`.
     pub name: &'static str,
     /// Source file of the site.
     pub file: &'static str,
@@ -79,10 +82,15 @@ impl SiteDescriptor {
 }
 
 /// One way to run a site.
+///
+/// `#[repr(C)]` with the predicate last, so tools can read the names out of a built binary.
+#[repr(C)]
 #[derive(Debug)]
 pub struct Candidate {
     /// The name used in reports and `ALTPATCH=site=name`.
     pub name: &'static str,
+    /// The predicate as written in the source (`all(avx2, bmi2)`), for tools and reports.
+    pub predicate_text: &'static str,
     /// When this candidate may run; the default's is [`Predicate::Always`].
     pub predicate: Predicate,
 }

@@ -169,10 +169,12 @@ mod tests {
         candidates: &[
             Candidate {
                 name: "default",
+                predicate_text: "always",
                 predicate: Predicate::Always,
             },
             Candidate {
                 name: "avx2",
+                predicate_text: "all(avx2, bmi2)",
                 predicate: Predicate::All(&[
                     Predicate::Feature(Feature::Avx2),
                     Predicate::Feature(Feature::Bmi2),
@@ -180,6 +182,7 @@ mod tests {
             },
             Candidate {
                 name: "sse4_2",
+                predicate_text: "sse4_2",
                 predicate: Predicate::Feature(Feature::Sse4_2),
             },
         ],
@@ -267,7 +270,9 @@ mod tests {
         assert_eq!(HypervisorKind::from_name_const("kvmm"), None);
         assert!(Predicate::When("yes", || true).holds(&cpu(&[])));
         assert_eq!(Predicate::When("yes", || true).to_string(), "when = yes");
-        assert_eq!(SUM.candidates[1].predicate.to_string(), "all(avx2, bmi2)");
+        for c in SUM.candidates {
+            assert_eq!(c.predicate.to_string(), c.predicate_text);
+        }
         assert_eq!(NOT_AVX.to_string(), "not(avx)");
     }
 }

@@ -24,6 +24,8 @@ pub fn alternative(args: TokenStream, item: TokenStream) -> TokenStream {
 /// `inline, name: predicate => target, ...`
 struct Args {
     inline: Option<Span>,
+    /// `name = "..."`: the site's name in reports and `ALTPATCH`, instead of `module::function`.
+    name: Option<LitStr>,
     candidates: Vec<CandidateArg>,
 }
 
@@ -57,8 +59,21 @@ enum Target {
 impl Parse for Args {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut inline = None;
+        let mut name = None;
         let mut candidates = Vec::new();
         while !input.is_empty() {
+            if input.peek(Ident) && input.peek2(Token![=]) && !input.peek2(Token![=>]) {
+                let fork = input.fork();
+                if fork.parse::<Ident>()? == "name" {
+                    input.parse::<Ident>()?;
+                    input.parse::<Token![=]>()?;
+                    name = Some(input.parse::<LitStr>()?);
+                    if !input.is_empty() {
+                        input.parse::<Token![,]>()?;
+                    }
+                    continue;
+                }
+            }
             if input.peek(Ident) && input.peek2(Token![,])
                 || input.peek(Ident) && input.peek2(syn::parse::End)
             {
@@ -78,7 +93,11 @@ impl Parse for Args {
                 input.parse::<Token![,]>()?;
             }
         }
-        Ok(Args { inline, candidates })
+        Ok(Args {
+            inline,
+            name,
+            candidates,
+        })
     }
 }
 
@@ -184,6 +203,26 @@ impl Parse for Target {
 }
 
 impl PredicateArg {
+    /// The predicate as written, normalized (`all(avx2, bmi2)`), matching `Predicate`'s Display.
+    fn text(&self) -> String {
+        let list = |name: &str, items: &[PredicateArg]| {
+            let inner: Vec<String> = items.iter().map(PredicateArg::text).collect();
+            format!("{name}({})", inner.join(", "))
+        };
+        match self {
+            PredicateArg::Feature(ident) => ident.to_string(),
+            PredicateArg::AnyHypervisor => "hypervisor".into(),
+            PredicateArg::KvmHintsRealtime => "kvm_hints_realtime".into(),
+            PredicateArg::Hypervisor(kind) => format!("hypervisor = \"{}\"", kind.value()),
+            PredicateArg::When(path) => {
+                format!("when = {}", quote!(#path).to_string().replace(' ', ""))
+            }
+            PredicateArg::Not(inner) => format!("not({})", inner.text()),
+            PredicateArg::All(items) => list("all", items),
+            PredicateArg::Any(items) => list("any", items),
+        }
+    }
+
     fn to_tokens(&self) -> TokenStream2 {
         let p = quote!(::altpatch::__private::Predicate);
         match self {
@@ -397,6 +436,16 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
     let candidate_names = names.iter();
     let predicates = std::iter::once(quote!(::altpatch::__private::Predicate::Always))
         .chain(args.candidates.iter().map(|c| c.predicate.to_tokens()));
+    let predicate_texts = std::iter::once("always".to_string())
+        .chain(args.candidates.iter().map(|c| c.predicate.text()));
+    let site_name = match &args.name {
+        Some(name) => quote!(#name),
+        None => quote!(::core::concat!(
+            ::core::module_path!(),
+            "::",
+            ::core::stringify!(#fn_name)
+        )),
+    };
 
     let in_operands = params.iter().map(|(ident, _, reg, class)| match class {
         Class::Int => quote!(in(#reg) (#ident as u64)),
@@ -437,10 +486,10 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             {
                 static __ALTPATCH_SITE: ::altpatch::__private::SiteDescriptor = ::altpatch::__private::SiteDescriptor {
-                    name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#fn_name)),
+                    name: #site_name,
                     file: ::core::file!(),
                     line: ::core::line!(),
-                    candidates: &[#(::altpatch::__private::Candidate { name: #candidate_names, predicate: #predicates }),*],
+                    candidates: &[#(::altpatch::__private::Candidate { name: #candidate_names, predicate_text: #predicate_texts, predicate: #predicates }),*],
                 };
                 #ret_decl
                 // SAFETY: the site calls an `extern "sysv64"` function with exactly these argument

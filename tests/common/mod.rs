@@ -95,3 +95,14 @@ pub fn rest_is_filler(instrs: &[Instruction], n: usize) -> bool {
     }
     true
 }
+
+/// Two sites sharing one name, so one `ALTPATCH=shared_hook=...` choice covers both.
+#[altpatch::alternative(inline, name = "shared_hook", quiet: not(hypervisor) => nop, loud: all(avx2, not(avx512f)) => nop)]
+pub fn shared_hook_a(x: u64) {
+    HOOK_TOTAL.fetch_add(x, Ordering::SeqCst);
+}
+
+#[altpatch::alternative(inline, name = "shared_hook", quiet: not(hypervisor) => nop, loud: all(avx2, not(avx512f)) => nop)]
+pub fn shared_hook_b(x: u64) {
+    HOOK_TOTAL.fetch_add(x, Ordering::SeqCst);
+}

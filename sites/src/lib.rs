@@ -1,0 +1,1 @@
+//! Ready-made altpatch sites (being written).
