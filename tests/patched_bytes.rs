@@ -102,7 +102,11 @@ fn sites_sharing_a_name_take_one_choice_and_keep_their_predicate_text() {
     let before = HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst);
     shared_hook_a(black_box(1));
     shared_hook_b(black_box(1));
-    assert_eq!(HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst), before, "both are NOPs");
+    assert_eq!(
+        HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "both are NOPs"
+    );
     let record = altpatch::__private::records()
         .iter()
         .find(|r| r.site_addr() == shared[0].addr)

@@ -153,16 +153,22 @@ impl Patcher {
                         let name = rec.descriptor().candidates[selection.index].name;
                         site.chosen = name;
                         site.why = why_selected(rec, &selection);
-                        site.how = if selection.index == 0 && write.plan.bytes == write.old {
+                        // The default running is "unpatched", whether as built or restored.
+                        site.how = if selection.index == 0 {
                             How::Unpatched
                         } else {
                             How::of(write.plan.shape)
                         };
-                        if write.plan.bytes != write.old {
+                        if write.plan.bytes == write.old {
+                            if site.how != How::Unpatched {
+                                site.why = format!("{} (already in place)", site.why);
+                            }
+                        } else {
+                            if site.how == How::Unpatched {
+                                site.why = format!("{} (default restored)", site.why);
+                            }
                             written_sites.push(report.sites.len());
                             writes.push(write);
-                        } else if site.how != How::Unpatched {
-                            site.why = format!("{} (already in place)", site.why);
                         }
                     }
                     Err(why) => site.why = why,

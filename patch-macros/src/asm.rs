@@ -12,6 +12,10 @@
 
 /// `SiteKind::CallSite` in patch-core.
 pub const KIND_CALL_SITE: u8 = 1;
+/// `SiteKind::Trampoline` in patch-core.
+pub const KIND_TRAMPOLINE: u8 = 2;
+/// `SiteKind::Inline` in patch-core.
+pub const KIND_INLINE: u8 = 3;
 /// `RECORD_VERSION` in patch-core.
 const RECORD_VERSION: u8 = 1;
 
@@ -19,6 +23,8 @@ const RECORD_VERSION: u8 = 1;
 pub enum Block {
     /// `call` to the `sym` operand with this name.
     Call(String),
+    /// `jmp` to the `sym` operand with this name.
+    Jump(String),
     /// Instructions, one per line.
     Asm(Vec<String>),
     /// No instructions.
@@ -29,6 +35,7 @@ impl Block {
     fn lines(&self) -> Vec<String> {
         match self {
             Block::Call(operand) => vec![format!("call {{{operand}}}")],
+            Block::Jump(operand) => vec![format!("jmp {{{operand}}}")],
             Block::Asm(lines) => lines.clone(),
             Block::Nop => Vec::new(),
         }
@@ -39,8 +46,9 @@ fn start(k: usize) -> usize {
     7000 + 2 * k
 }
 
-/// The template of a call site whose default is `blocks[0]`; `{desc}` and `{kind}` are operands.
-pub fn call_site(blocks: &[Block]) -> String {
+/// The template of a site whose default is `blocks[0]`, padded to the longest block; `{desc}` and
+/// `{kind}` are operands. Used by call sites and by `alternative!` inline sequences.
+pub fn padded_site(blocks: &[Block]) -> String {
     let mut s = Vec::new();
     s.push("6500:".to_string());
     s.extend(blocks[0].lines());
@@ -56,19 +64,25 @@ pub fn call_site(blocks: &[Block]) -> String {
         s.push(format!("{}:", 6600 + k));
     }
     s.push("6599:".to_string());
-    s.push(".pushsection altpatch_sites,\"aR\"".into());
-    s.push(".balign 4".into());
-    s.push(".long 6500b - .".into());
-    s.push(".long {desc} - .".into());
-    s.push(".long 6700f - .".into());
-    s.push(format!(
-        ".byte 6599b - 6500b, {{kind}}, {}, {RECORD_VERSION}",
-        blocks.len()
-    ));
-    s.push(".popsection".into());
-    s.push(".pushsection altpatch_repl,\"aR\"".into());
-    s.push(".balign 4".into());
-    s.push("6700:".into());
+    s.extend(record_and_table("6500b", "6599b - 6500b", blocks));
+    s.join("\n")
+}
+
+/// The record of a site starting at `site` (an expression: a label or an operand) of `len` bytes,
+/// and its candidate table and blocks; emits nothing in the current section.
+fn record_and_table(site: &str, len: &str, blocks: &[Block]) -> Vec<String> {
+    let mut s = vec![
+        ".pushsection altpatch_sites,\"aR\"".to_string(),
+        ".balign 4".into(),
+        format!(".long {site} - ."),
+        ".long {desc} - .".into(),
+        ".long 6700f - .".into(),
+        format!(".byte {len}, {{kind}}, {}, {RECORD_VERSION}", blocks.len()),
+        ".popsection".into(),
+        ".pushsection altpatch_repl,\"aR\"".into(),
+        ".balign 4".into(),
+        "6700:".into(),
+    ];
     for k in 0..blocks.len() {
         s.push(format!(".long {}f - .", start(k)));
         s.push(format!(".byte {}f - {}f, 0, 0, 0", start(k) + 1, start(k)));
@@ -79,5 +93,20 @@ pub fn call_site(blocks: &[Block]) -> String {
         s.push(format!("{}:", start(k) + 1));
     }
     s.push(".popsection".into());
-    s.join("\n")
+    s
+}
+
+/// Length of a trampoline: one `jmp rel32`.
+const TRAMPOLINE_LEN: usize = 5;
+
+/// The body of a naked trampoline: `jmp` to the default (operand `d0`).
+pub const TRAMPOLINE_BODY: &str = "jmp {d0}";
+
+/// The record and table of the trampoline `{tramp}`, whose candidates jump to `d0`, `d1`, ...;
+/// emitted from an `asm!` block elsewhere, since a naked function may hold only its instructions.
+pub fn trampoline_record(candidates: usize) -> String {
+    let blocks: Vec<Block> = (0..candidates)
+        .map(|k| Block::Jump(format!("d{k}")))
+        .collect();
+    record_and_table("{tramp}", &TRAMPOLINE_LEN.to_string(), &blocks).join("\n")
 }

@@ -10,6 +10,7 @@ use syn::spanned::Spanned;
 use syn::{Error, FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Token, Type, parenthesized};
 
 mod asm;
+mod trampoline;
 
 /// See `altpatch::alternative`.
 #[proc_macro_attribute]
@@ -323,12 +324,6 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
             "#[alternative] cannot patch an `async fn`; patch the synchronous function it awaits",
         ));
     }
-    if args.inline.is_none() {
-        return Err(Error::new(
-            Span::call_site(),
-            "#[alternative] without `inline` (trampoline mode) is not available yet; write #[alternative(inline, ...)]",
-        ));
-    }
     let mut names = vec!["default".to_string()];
     for c in &args.candidates {
         if names.contains(&c.name) {
@@ -342,7 +337,94 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
         }
         names.push(c.name.clone());
     }
+    if args.inline.is_some() {
+        expand_inline(&args, &func, &names)
+    } else {
+        trampoline::expand(&args, &func, &names)
+    }
+}
 
+/// The `SiteDescriptor` initializer of a site.
+fn descriptor(args: &Args, fn_name: &Ident, names: &[String]) -> TokenStream2 {
+    let p = quote!(::altpatch::__private);
+    let predicates = std::iter::once(quote!(#p::Predicate::Always))
+        .chain(args.candidates.iter().map(|c| c.predicate.to_tokens()));
+    let texts = std::iter::once("always".to_string())
+        .chain(args.candidates.iter().map(|c| c.predicate.text()));
+    let site_name = match &args.name {
+        Some(name) => quote!(#name),
+        None => quote!(::core::concat!(
+            ::core::module_path!(),
+            "::",
+            ::core::stringify!(#fn_name)
+        )),
+    };
+    quote! {
+        #p::SiteDescriptor {
+            name: #site_name,
+            file: ::core::file!(),
+            line: ::core::line!(),
+            candidates: &[#(#p::Candidate { name: #names, predicate_text: #texts, predicate: #predicates }),*],
+        }
+    }
+}
+
+/// `#[target_feature]` for a candidate's shim: the features its predicate guarantees, so a
+/// `#[target_feature]` candidate can be called (and inlined) from it.
+fn shim_attributes(predicate: &PredicateArg) -> TokenStream2 {
+    fn collect(p: &PredicateArg, out: &mut Vec<&'static str>) {
+        match p {
+            PredicateArg::Feature(f) => out.extend(rustc_target_feature(&f.to_string())),
+            PredicateArg::All(list) => list.iter().for_each(|p| collect(p, out)),
+            _ => {}
+        }
+    }
+    let mut features = Vec::new();
+    collect(predicate, &mut features);
+    if features.is_empty() {
+        quote!()
+    } else {
+        let list = features.join(",");
+        quote!(#[target_feature(enable = #list)])
+    }
+}
+
+/// rustc's name for an altpatch feature, where rustc has one.
+fn rustc_target_feature(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "sse3" => "sse3",
+        "ssse3" => "ssse3",
+        "sse4_1" => "sse4.1",
+        "sse4_2" => "sse4.2",
+        "popcnt" => "popcnt",
+        "lzcnt" | "abm" => "lzcnt",
+        "bmi1" => "bmi1",
+        "bmi2" => "bmi2",
+        "avx" => "avx",
+        "avx2" => "avx2",
+        "fma" => "fma",
+        "f16c" => "f16c",
+        "avx512f" => "avx512f",
+        "avx512dq" => "avx512dq",
+        "avx512cd" => "avx512cd",
+        "avx512bw" => "avx512bw",
+        "avx512vl" => "avx512vl",
+        "movbe" => "movbe",
+        "sha" | "sha_ni" => "sha",
+        "aes" => "aes",
+        "pclmulqdq" => "pclmulqdq",
+        "rdrand" => "rdrand",
+        "rdseed" => "rdseed",
+        "adx" => "adx",
+        "xsave" => "xsave",
+        "cmpxchg16b" | "cx16" => "cmpxchg16b",
+        _ => return None,
+    })
+}
+
+/// Call-site mode: every inlined call is a site with the C ABI in registers.
+fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<TokenStream2> {
+    let sig = &func.sig;
     // Arguments → registers.
     let (mut ints, mut floats) = (0, 0);
     let mut params = Vec::new(); // (ident, type, register, class)
@@ -413,8 +495,10 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
                 } else {
                     quote!(#path(#(#arg_names),*))
                 };
+                let features = shim_attributes(&c.predicate);
                 shims.push(quote_spanned! {path.span()=>
                     #[allow(improper_ctypes_definitions)]
+                    #features
                     #unsafety extern "sysv64" fn #shim(#(#arg_names: #arg_types),*) #output {
                         // A candidate with another signature is a type error here.
                         #call
@@ -428,25 +512,12 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
             Target::Nop => asm::Block::Nop,
         });
     }
-    let template = asm::call_site(&blocks);
+    let template = asm::padded_site(&blocks);
     let sym_operands = syms.iter().enumerate().map(|(i, (_, path))| {
         let name = format_ident!("d{}", i);
         quote!(#name = sym #path)
     });
-    let candidate_names = names.iter();
-    let predicates = std::iter::once(quote!(::altpatch::__private::Predicate::Always))
-        .chain(args.candidates.iter().map(|c| c.predicate.to_tokens()));
-    let predicate_texts = std::iter::once("always".to_string())
-        .chain(args.candidates.iter().map(|c| c.predicate.text()));
-    let site_name = match &args.name {
-        Some(name) => quote!(#name),
-        None => quote!(::core::concat!(
-            ::core::module_path!(),
-            "::",
-            ::core::stringify!(#fn_name)
-        )),
-    };
-
+    let desc = descriptor(args, fn_name, names);
     let in_operands = params.iter().map(|(ident, _, reg, class)| match class {
         Class::Int => quote!(in(#reg) (#ident as u64)),
         Class::Float => quote!(in(#reg) #ident),
@@ -485,12 +556,7 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
             #(#shims)*
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             {
-                static __ALTPATCH_SITE: ::altpatch::__private::SiteDescriptor = ::altpatch::__private::SiteDescriptor {
-                    name: #site_name,
-                    file: ::core::file!(),
-                    line: ::core::line!(),
-                    candidates: &[#(::altpatch::__private::Candidate { name: #candidate_names, predicate_text: #predicate_texts, predicate: #predicates }),*],
-                };
+                static __ALTPATCH_SITE: ::altpatch::__private::SiteDescriptor = #desc;
                 #ret_decl
                 // SAFETY: the site calls an `extern "sysv64"` function with exactly these argument
                 // registers, or runs the instructions a candidate gave for the same registers;

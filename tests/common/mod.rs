@@ -63,6 +63,11 @@ pub fn decode_site(site: &SiteReport) -> Vec<Instruction> {
 
 /// Where the record's block for `candidate` calls, relocated: what a patched site must call.
 pub fn candidate_call_target(site: &SiteReport, candidate: &str) -> u64 {
+    candidate_branch_target(site, candidate, Mnemonic::Call)
+}
+
+/// Where the record's block for `candidate` branches with `mnemonic` (`Call` or `Jmp`).
+pub fn candidate_branch_target(site: &SiteReport, candidate: &str, mnemonic: Mnemonic) -> u64 {
     let index = site
         .candidates
         .iter()
@@ -73,14 +78,9 @@ pub fn candidate_call_target(site: &SiteReport, candidate: &str) -> u64 {
         .find(|r| r.site_addr() == site.addr)
         .expect("the report's site has a record");
     let (bytes, ip) = record.replacement(index).expect("block exists");
-    let call = Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE).decode();
-    assert_eq!(
-        call.mnemonic(),
-        Mnemonic::Call,
-        "{candidate} of {} is a call",
-        site.name
-    );
-    call.near_branch_target()
+    let branch = Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE).decode();
+    assert_eq!(branch.mnemonic(), mnemonic, "{candidate} of {}", site.name);
+    branch.near_branch_target()
 }
 
 /// Everything after the first `n` instructions is NOPs (or the jmp-over-int3 filler).
