@@ -61,7 +61,7 @@ pub use patch_core::write::{FallbackWriter, TextWriter};
 pub mod writers {
     pub use patch_core::os::linux::{MprotectWriter, ProcMemWriter};
 }
-pub use patch_core::{Feature, FeatureSet, How, Patcher, Report, SiteReport};
+pub use patch_core::{Feature, FeatureSet, How, KeyUpdate, Patcher, Report, SiteReport, StaticKey};
 pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 
 /// Makes a function patchable: its body is the portable default, the listed candidates are
@@ -106,6 +106,7 @@ pub mod __private {
     pub use patch_core::cpu::HypervisorKind;
     pub use patch_core::record::{Candidate, SiteDescriptor, records};
     pub use patch_core::select::Predicate;
+    pub use patch_core::static_key::{BRANCH_CANDIDATES, KeySite};
 
     /// Traps the live protocol's handler took (0 off x86_64 Linux).
     pub fn traps_handled() -> usize {
@@ -114,4 +115,112 @@ pub mod __private {
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         return 0;
     }
+}
+
+/// `true` when `KEY` is enabled; laid out for the disabled case, which costs one 5-byte NOP.
+///
+/// ```
+/// static TRACE: altpatch::StaticKey = altpatch::StaticKey::new(false);
+///
+/// fn work(x: u64) -> u64 {
+///     if altpatch::static_branch_unlikely!(TRACE) {
+///         eprintln!("tracing {x}");
+///     }
+///     x * 2
+/// }
+///
+/// altpatch::apply_patches();
+/// assert_eq!(work(2), 4);
+/// TRACE.enable(); // rewrites the branch into a `jmp`, safely while other threads run it
+/// assert!(altpatch::static_branch_unlikely!(TRACE));
+/// TRACE.disable();
+/// ```
+///
+/// Before patching (and wherever patching is impossible) the site jumps to an out-of-line check
+/// of the key's flag, so the result is always the key's state.
+#[macro_export]
+macro_rules! static_branch_unlikely {
+    ($key:path) => {
+        $crate::__static_branch!($key, "jne", true)
+    };
+}
+
+/// `true` when `KEY` is enabled; laid out for the enabled case, which costs one 5-byte NOP.
+///
+/// ```
+/// static FAST_PATH: altpatch::StaticKey = altpatch::StaticKey::new(true);
+///
+/// altpatch::apply_patches();
+/// assert!(altpatch::static_branch_likely!(FAST_PATH));
+/// ```
+#[macro_export]
+macro_rules! static_branch_likely {
+    ($key:path) => {
+        $crate::__static_branch!($key, "je", false)
+    };
+}
+
+/// A static branch site. `$jcc` jumps from the out-of-line check to `target` exactly when the
+/// patched site would hold a `jmp` (see the table in `patch_core::static_key`).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __static_branch {
+    ($key:path, $jcc:literal, $jump_when_enabled:literal) => {{
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let enabled = 'altpatch_branch: {
+            static __ALTPATCH_SITE: $crate::__private::SiteDescriptor = $crate::__private::SiteDescriptor {
+                name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!($key)),
+                file: ::core::file!(),
+                line: ::core::line!(),
+                candidates: &$crate::__private::BRANCH_CANDIDATES,
+                key: ::core::option::Option::Some($crate::__private::KeySite {
+                    key: &$key,
+                    jump_when_enabled: $jump_when_enabled,
+                }),
+            };
+            // SAFETY: the site is a 5-byte `jmp` to a flag check that reads the key's first byte
+            // (its `AtomicBool`) and jumps to `target` or back; it touches no stack and no
+            // registers but the flags. The record's table: the check, a NOP, a `jmp target`.
+            unsafe {
+                ::core::arch::asm!(
+                    "6500: jmp 6800f",
+                    "6599:",
+                    ".pushsection .text.altpatch_check,\"ax\"",
+                    "6800: cmp byte ptr [rip + {key}], 0",
+                    ::core::concat!($jcc, " {target}"),
+                    "jmp 6599b",
+                    ".popsection",
+                    ".pushsection altpatch_sites,\"aR\"",
+                    ".balign 4",
+                    ".long 6500b - .",
+                    ".long {desc} - .",
+                    ".long 6700f - .",
+                    ".byte 6599b - 6500b, {kind}, 3, 1",
+                    ".popsection",
+                    ".pushsection altpatch_repl,\"aR\"",
+                    ".balign 4",
+                    "6700:",
+                    ".long 7000f - .", ".byte 7001f - 7000f, 0, 0, 0",
+                    ".long 7002f - .", ".byte 7003f - 7002f, 0, 0, 0",
+                    ".long 7004f - .", ".byte 7005f - 7004f, 0, 0, 0",
+                    "7000: jmp 6800b",
+                    "7001:",
+                    "7002:",
+                    "7003:",
+                    "7004: jmp {target}",
+                    "7005:",
+                    ".popsection",
+                    key = sym $key,
+                    desc = sym __ALTPATCH_SITE,
+                    kind = const 4,
+                    target = label { break 'altpatch_branch $jump_when_enabled },
+                    options(nostack),
+                );
+            }
+            !$jump_when_enabled
+        };
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let enabled = $key.is_enabled();
+        enabled
+    }};
 }

@@ -6,9 +6,10 @@ use std::time::Instant;
 use crate::cpu::Cpu;
 use crate::overrides::{OverrideError, Overrides};
 use crate::plan::{self, Block};
-use crate::record::{self, SiteRecord};
+use crate::record::{self, SiteDescriptor, SiteRecord};
 use crate::report::{How, Report, SiteReport};
 use crate::select::{self, Reason, Selection};
+use crate::static_key::{KeyUpdate, StaticKey};
 use crate::write::{SiteWrite, TextWriter};
 
 /// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs.
@@ -148,7 +149,9 @@ impl Patcher {
             if let Some(why) = &report.disabled {
                 site.why = why.clone();
             } else {
-                match plan_record(rec, &report.cpu, &overrides, &memory) {
+                match plan_record(rec, &memory, |desc| {
+                    select::select(desc, &report.cpu, &overrides)
+                }) {
                     Ok((selection, write)) => {
                         let name = rec.descriptor().candidates[selection.index].name;
                         site.chosen = name;
@@ -216,7 +219,8 @@ fn default_writer() -> Box<dyn TextWriter> {
 fn choice_table(records: &[SiteRecord]) -> Vec<(&'static str, Vec<&'static str>)> {
     records
         .iter()
-        .filter(|r| record::is_understood(r))
+        // Static branches follow their key, never an `ALTPATCH` choice.
+        .filter(|r| record::is_understood(r) && r.descriptor().key.is_none())
         .map(|r| {
             (
                 r.descriptor().name,
@@ -266,9 +270,8 @@ fn site_report(rec: &SiteRecord) -> SiteReport {
 /// Selects and plans one record, or says why it is left alone.
 fn plan_record(
     rec: &SiteRecord,
-    cpu: &Cpu,
-    overrides: &Overrides,
     memory: &crate::os::MemoryMap,
+    select: impl FnOnce(&SiteDescriptor) -> Selection,
 ) -> Result<(Selection, SiteWrite), String> {
     if !record::is_understood(rec) {
         return Err(format!(
@@ -310,7 +313,7 @@ fn plan_record(
     // SAFETY: the range was checked to be mapped and executable (hence readable on x86_64), and
     // only the patcher (whose lock we hold) writes it.
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
-    let selection = select::select(desc, cpu, overrides);
+    let selection = select(desc);
     let names: Vec<&str> = desc.candidate_names().collect();
     let plan = plan::plan_site(site as u64, current, &blocks, &names, selection.index)
         .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
@@ -328,6 +331,7 @@ fn why_selected(rec: &SiteRecord, selection: &Selection) -> String {
     match selection.reason {
         Reason::Off => "patching is off".into(),
         Reason::Forced => format!("forced by {}", crate::overrides::ENV_VAR),
+        Reason::Key(_) => selection.reason.to_string(),
         Reason::PredicateHolds => format!("{} holds", candidates[selection.index].predicate),
         Reason::NoCandidateHolds if candidates.len() == 1 => "no other candidate".into(),
         Reason::NoCandidateHolds => {
@@ -338,4 +342,66 @@ fn why_selected(rec: &SiteRecord, selection: &Selection) -> String {
             format!("none of {} holds", tried.join(", "))
         }
     }
+}
+
+/// Rewrites the sites of `key` after `store` sets its flag, under the patcher lock (so concurrent
+/// toggles of one key end in the state of the last).
+pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUpdate {
+    let _guard = lock();
+    store();
+    let mut update = KeyUpdate::default();
+    let sites: Vec<&SiteRecord> = record::records()
+        .iter()
+        .filter(|r| record::is_understood(r))
+        .filter(|r| {
+            r.descriptor()
+                .key
+                .as_ref()
+                .is_some_and(|k| core::ptr::eq(k.key, key))
+        })
+        .collect();
+    update.sites = sites.len();
+    if let Some(why) = key_patching_disabled() {
+        update.unpatched = Some(why.clone());
+        return update;
+    }
+    let memory = crate::os::memory_map();
+    let mut writes = Vec::with_capacity(sites.len());
+    for rec in sites {
+        let wanted = |desc: &SiteDescriptor| {
+            let site = desc.key.as_ref().expect("filtered on key sites");
+            Selection {
+                index: site.wanted(),
+                reason: Reason::Key(site.key.is_enabled()),
+            }
+        };
+        match plan_record(rec, &memory, wanted) {
+            Ok((_, write)) if write.plan.bytes != write.old => writes.push(write),
+            Ok(_) => {}
+            Err(why) => update.unpatched = Some(why),
+        }
+    }
+    if !writes.is_empty() {
+        let mut writer = default_writer();
+        let (results, _) = crate::write::write_batch(&writes, writer.as_mut());
+        for result in results {
+            match result {
+                Ok(()) => update.written += 1,
+                Err(e) => update.unpatched = Some(e),
+            }
+        }
+    }
+    update
+}
+
+/// Why static-key sites must keep reading their flag (the same rules as `apply_patches`, with
+/// `ALTPATCH` read once).
+fn key_patching_disabled() -> Option<&'static String> {
+    static DISABLED: OnceLock<Option<String>> = OnceLock::new();
+    DISABLED
+        .get_or_init(|| match Overrides::from_env() {
+            Ok(o) => disabled_reason(&o, None),
+            Err(e) => disabled_reason(&Overrides::default(), Some(&e)),
+        })
+        .as_ref()
 }

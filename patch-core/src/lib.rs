@@ -14,8 +14,10 @@ pub mod plan;
 pub mod record;
 pub mod report;
 pub mod select;
+pub mod static_key;
 pub mod write;
 
 pub use apply::{Patcher, applied_report, apply_patches, try_apply_patches};
 pub use feature::{Feature, FeatureSet};
 pub use report::{How, Report, SiteReport};
+pub use static_key::{KeyUpdate, StaticKey};

@@ -35,6 +35,8 @@ pub enum SiteKind {
     Trampoline = 2,
     /// Default instructions padded to the longest candidate: replaced by a candidate's block.
     Inline = 3,
+    /// A static-key branch: an out-of-line flag check, a NOP or a `jmp`, chosen by its key.
+    StaticBranch = 4,
 }
 
 impl SiteKind {
@@ -44,6 +46,7 @@ impl SiteKind {
             1 => Some(SiteKind::CallSite),
             2 => Some(SiteKind::Trampoline),
             3 => Some(SiteKind::Inline),
+            4 => Some(SiteKind::StaticBranch),
             _ => None,
         }
     }
@@ -54,6 +57,7 @@ impl SiteKind {
             SiteKind::CallSite => "call site",
             SiteKind::Trampoline => "trampoline",
             SiteKind::Inline => "inline",
+            SiteKind::StaticBranch => "static branch",
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct SiteDescriptor {
     pub line: u32,
     /// Candidates in preference order, the default first; parallel to the record's table.
     pub candidates: &'static [Candidate],
+    /// For a static branch: its key, which selects the candidate instead of predicates.
+    pub key: Option<crate::static_key::KeySite>,
 }
 
 impl SiteDescriptor {

@@ -108,6 +108,8 @@ pub enum Reason {
     PredicateHolds,
     /// No candidate's predicate holds.
     NoCandidateHolds,
+    /// A static branch follows its key (enabled or not).
+    Key(bool),
 }
 
 impl fmt::Display for Reason {
@@ -117,6 +119,8 @@ impl fmt::Display for Reason {
             Reason::Forced => "forced by ALTPATCH",
             Reason::PredicateHolds => "first candidate whose predicate holds",
             Reason::NoCandidateHolds => "no candidate's predicate holds",
+            Reason::Key(true) => "its key is enabled",
+            Reason::Key(false) => "its key is disabled",
         })
     }
 }
@@ -129,6 +133,12 @@ pub fn select(site: &SiteDescriptor, cpu: &Cpu, overrides: &Overrides) -> Select
         return Selection {
             index: 0,
             reason: Reason::Off,
+        };
+    }
+    if let Some(key) = &site.key {
+        return Selection {
+            index: key.wanted(),
+            reason: Reason::Key(key.key.is_enabled()),
         };
     }
     let forced = overrides.choice_for(site.name);
@@ -186,6 +196,7 @@ mod tests {
                 predicate: Predicate::Feature(Feature::Sse4_2),
             },
         ],
+        key: None,
     };
 
     fn cpu(features: &[Feature]) -> Cpu {

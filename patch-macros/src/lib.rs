@@ -365,6 +365,7 @@ fn descriptor(args: &Args, fn_name: &Ident, names: &[String]) -> TokenStream2 {
             file: ::core::file!(),
             line: ::core::line!(),
             candidates: &[#(#p::Candidate { name: #names, predicate_text: #texts, predicate: #predicates }),*],
+            key: ::core::option::Option::None,
         }
     }
 }
