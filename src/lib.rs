@@ -100,6 +100,37 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// and the report use.
 pub use patch_macros::alternative;
 
+/// Multi-way inline assembly, like the kernel's `ALTERNATIVE_2/_3`: the default instructions
+/// and candidates with predicates, padded at build time to the longest, operands bound as in
+/// `asm!` (named operands only). Use it inside `unsafe`, as `asm!`. (It cannot be called
+/// `alternative!`: Rust gives attribute and bang macros one namespace, and
+/// [`#[alternative]`](macro@alternative) has the name.)
+///
+/// ```
+/// fn times3(x: u64) -> u64 {
+///     let r: u64;
+///     // SAFETY: every candidate computes 3x from `x` into `r` and touches nothing else.
+///     unsafe {
+///         altpatch::alternative_asm!(
+///             name = "times3",
+///             "imul {r}, {x}, 3",
+///             bmi2 => "lea {r}, [{x} + {x}*2]",
+///             x = in(reg) x,
+///             r = lateout(reg) r,
+///             options(pure, nomem, nostack),
+///         );
+///     }
+///     r
+/// }
+///
+/// altpatch::apply_patches();
+/// assert_eq!(times3(14), 42);
+/// ```
+///
+/// Replacements may contain relative branches, calls and RIP-relative operands: they are
+/// relocated when copied into the site. Candidates are named as in [`alternative`](macro@alternative).
+pub use patch_macros::alternative_asm;
+
 #[doc(hidden)]
 pub mod __private {
     pub use patch_core::Feature;

@@ -10,6 +10,7 @@ use syn::spanned::Spanned;
 use syn::{Error, FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Token, Type, parenthesized};
 
 mod asm;
+mod inline_seq;
 mod trampoline;
 
 /// See `altpatch::alternative`.
@@ -18,6 +19,15 @@ pub fn alternative(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = syn::parse_macro_input!(args as Args);
     let func = syn::parse_macro_input!(item as ItemFn);
     expand(args, func)
+        .unwrap_or_else(Error::into_compile_error)
+        .into()
+}
+
+/// See `altpatch::alternative_asm!`.
+#[proc_macro]
+pub fn alternative_asm(input: TokenStream) -> TokenStream {
+    let seq = syn::parse_macro_input!(input as inline_seq::InlineSeq);
+    inline_seq::expand(seq)
         .unwrap_or_else(Error::into_compile_error)
         .into()
 }

@@ -1,0 +1,155 @@
+//! `alternative_asm!`: multi-way inline assembly in the style of the kernel's `ALTERNATIVE_2/_3`.
+//!
+//! ```text
+//! alternative_asm!(
+//!     name = "mul3",                               // optional; default `module::alternative_L<line>`
+//!     "imul {r}, {x}, 3",                          // the default: a string, or ["line", ...]
+//!     bmi2 => "lea {r}, [{x} + {x}*2]",            // candidates, in preference order
+//!     x = in(reg) x, r = lateout(reg) r,           // `asm!` operands and options, passed through
+//! )
+//! ```
+//!
+//! All candidates are assembled in the same `asm!` block, so they share its operands and register
+//! allocation; the site is padded at build time to the longest one.
+
+use proc_macro2::TokenStream as TokenStream2;
+use quote::quote;
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::{Error, Ident, LitStr, Token, bracketed};
+
+use crate::{PredicateArg, asm};
+
+pub struct InlineSeq {
+    name: Option<LitStr>,
+    default: Vec<LitStr>,
+    candidates: Vec<(String, PredicateArg, Vec<LitStr>)>,
+    operands: TokenStream2,
+}
+
+fn lines(input: ParseStream<'_>) -> syn::Result<Vec<LitStr>> {
+    if input.peek(syn::token::Bracket) {
+        let content;
+        bracketed!(content in input);
+        Ok(Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?
+            .into_iter()
+            .collect())
+    } else {
+        Ok(vec![input.parse()?])
+    }
+}
+
+impl Parse for InlineSeq {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut name = None;
+        if input.peek(Ident) && input.peek2(Token![=]) && !input.peek2(Token![=>]) {
+            let fork = input.fork();
+            if fork.parse::<Ident>()? == "name" {
+                input.parse::<Ident>()?;
+                input.parse::<Token![=]>()?;
+                name = Some(input.parse()?);
+                input.parse::<Token![,]>()?;
+            }
+        }
+        let default = lines(input)?;
+        let mut candidates = Vec::new();
+        while input.peek(Token![,]) {
+            // A candidate is `[name:] predicate => "asm"`; anything else starts the operands.
+            let fork = input.fork();
+            fork.parse::<Token![,]>()?;
+            let explicit = if fork.peek(Ident) && fork.peek2(Token![:]) && !fork.peek2(Token![::]) {
+                let n: Ident = fork.parse()?;
+                fork.parse::<Token![:]>()?;
+                Some(n.to_string())
+            } else {
+                None
+            };
+            let Ok(predicate) = fork.parse::<PredicateArg>() else {
+                break;
+            };
+            if !fork.peek(Token![=>]) {
+                break;
+            }
+            fork.parse::<Token![=>]>()?;
+            let body = lines(&fork)?;
+            let name = match (explicit, &predicate) {
+                (Some(n), _) => n,
+                (None, PredicateArg::Feature(f)) => f.to_string(),
+                (None, PredicateArg::Hypervisor(k)) => k.value(),
+                (None, _) => {
+                    return Err(Error::new(
+                        input.span(),
+                        "name this candidate: write `name: predicate => \"asm\"`",
+                    ));
+                }
+            };
+            candidates.push((name, predicate, body));
+            use syn::parse::discouraged::Speculative;
+            input.advance_to(&fork);
+        }
+        if input.peek(Token![,]) {
+            input.parse::<Token![,]>()?;
+        }
+        Ok(InlineSeq {
+            name,
+            default,
+            candidates,
+            operands: input.parse()?,
+        })
+    }
+}
+
+pub fn expand(seq: InlineSeq) -> syn::Result<TokenStream2> {
+    let mut names = vec!["default".to_string()];
+    for (name, _, _) in &seq.candidates {
+        if names.contains(name) {
+            return Err(Error::new(
+                proc_macro2::Span::call_site(),
+                format!("two candidates are named `{name}`"),
+            ));
+        }
+        names.push(name.clone());
+    }
+    let mut blocks = vec![asm::Block::Asm(
+        seq.default.iter().map(LitStr::value).collect(),
+    )];
+    blocks.extend(
+        seq.candidates
+            .iter()
+            .map(|(_, _, body)| asm::Block::Asm(body.iter().map(LitStr::value).collect())),
+    );
+    let template = asm::padded_site(&blocks);
+    let p = quote!(::altpatch::__private);
+    let predicates = std::iter::once(quote!(#p::Predicate::Always))
+        .chain(seq.candidates.iter().map(|(_, pr, _)| pr.to_tokens()));
+    let texts = std::iter::once("always".to_string())
+        .chain(seq.candidates.iter().map(|(_, pr, _)| pr.text()));
+    let site_name = match &seq.name {
+        Some(name) => quote!(#name),
+        None => quote!(::core::concat!(
+            ::core::module_path!(),
+            "::alternative_L",
+            ::core::line!()
+        )),
+    };
+    let kind = asm::KIND_INLINE;
+    let operands = &seq.operands;
+    let default_only = seq.default.iter();
+    Ok(quote! {{
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            static __ALTPATCH_SITE: #p::SiteDescriptor = #p::SiteDescriptor {
+                name: #site_name,
+                file: ::core::file!(),
+                line: ::core::line!(),
+                candidates: &[#(#p::Candidate { name: #names, predicate_text: #texts, predicate: #predicates }),*],
+                key: ::core::option::Option::None,
+            };
+            ::core::arch::asm!(#template, desc = sym __ALTPATCH_SITE, kind = const #kind, #operands)
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            ::core::arch::asm!(#(#default_only),*, #operands)
+        }
+    }})
+}
