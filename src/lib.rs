@@ -42,6 +42,15 @@
 //! Relative operands are relocated, tails are filled with the longest NOP, and while other threads
 //! run, the write follows the kernel's int3 + core-serialization protocol. See `ARCHITECTURE.md`.
 //!
+//! ## The macros
+//!
+//! * [`#[alternative]`](macro@alternative): a function or method with candidates, patched
+//!   through a per-function trampoline (any signature) or, with `inline`, at every call site.
+//! * [`alternative_asm!`]: multi-way inline assembly (the kernel's `ALTERNATIVE_2/_3`).
+//! * [`static_branch_unlikely!`] / [`static_branch_likely!`] with a [`StaticKey`]: jump labels,
+//!   a 5-byte NOP or a `jmp`, flipped at run time with `enable()`/`disable()`, safely while
+//!   other threads run the branches.
+//!
 //! ## Overrides
 //!
 //! `ALTPATCH` (or [`Patcher`]) changes the choice, for tests and operations:
@@ -67,37 +76,84 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// Makes a function patchable: its body is the portable default, the listed candidates are
 /// chosen at startup by [`apply_patches()`].
 ///
+/// **Trampoline mode** (the default) works for any non-generic function or inherent method:
+/// callers make a direct `call` to a per-function trampoline whose `jmp` is retargeted to the
+/// winner. A candidate with another signature is a type error; `#[target_feature]` candidates
+/// are fine (their shim gets the features the predicate guarantees).
+///
+/// ```
+/// #[target_feature(enable = "avx2")]
+/// fn sum_avx2(xs: &[u32]) -> u64 {
+///     xs.iter().map(|&x| u64::from(x)).sum() // compiled with AVX2: vectorized 8 wide
+/// }
+///
+/// #[altpatch::alternative(avx2 => sum_avx2)]
+/// fn sum(xs: &[u32]) -> u64 {
+///     xs.iter().map(|&x| u64::from(x)).sum()
+/// }
+///
+/// struct Table(Vec<u32>);
+/// impl Table {
+///     #[altpatch::alternative(avx2 => Self::total_avx2)]
+///     fn total(&self) -> u64 {
+///         sum(&self.0)
+///     }
+///     #[target_feature(enable = "avx2")]
+///     fn total_avx2(&self) -> u64 {
+///         sum_avx2(&self.0)
+///     }
+/// }
+///
+/// altpatch::apply_patches();
+/// assert_eq!(sum(&[1, 2, 3]), 6);
+/// assert_eq!(Table(vec![4, 5]).total(), 9);
+/// ```
+///
+/// **Call-site mode** (`inline`) makes every inlined call a site of its own, so a patched call
+/// costs exactly a direct call, the native instruction, or nothing. The signature must fit the C
+/// ABI in registers: up to six integer, `bool` or raw-pointer arguments (in `rdi`, `rsi`, `rdx`,
+/// `rcx`, `r8`, `r9`) and up to eight `f32`/`f64` (in `xmm0`..), returning one of those (in
+/// `rax` or `xmm0`) or `()`.
+///
 /// ```
 /// fn popcount_hw(x: u64) -> u64 {
 ///     x.count_ones() as u64
 /// }
+///
+/// static EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 ///
 /// #[altpatch::alternative(inline, popcnt => popcount_hw, sse4_2 => asm("popcnt rax, rdi"))]
 /// fn popcount(x: u64) -> u64 {
 ///     (0..64).filter(|i| x >> i & 1 == 1).count() as u64
 /// }
 ///
+/// /// A hook that disappears (NOPs) outside virtual machines.
+/// #[altpatch::alternative(inline, bare_metal: not(hypervisor) => nop)]
+/// fn vm_hook(n: u64) {
+///     EVENTS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+/// }
+///
 /// altpatch::apply_patches();
 /// assert_eq!(popcount(u64::MAX), 64);
+/// vm_hook(1);
 /// ```
-///
-/// `inline` (call-site mode) makes every inlined call a patch site. Its signature must fit the C
-/// ABI in registers: up to six integer, `bool` or raw-pointer arguments (in `rdi`, `rsi`, `rdx`,
-/// `rcx`, `r8`, `r9`) and up to eight `f32`/`f64` (in `xmm0`..), returning one of those (in `rax`
-/// or `xmm0`) or `()`.
 ///
 /// Candidates, tried in order (the first whose predicate holds wins; the default always holds):
 ///
-/// * `predicate => path`: a direct `call` to a function with the same signature;
-/// * `predicate => asm("instr", ...)`: instructions copied into each call site, using the ABI
-///   registers above and free to clobber any caller-saved register;
-/// * `predicate => nop`: nothing at all (for functions returning `()`).
+/// * `predicate => path`: the function `path`, with the same signature;
+/// * `predicate => asm("instr", ...)` (call-site mode): instructions copied into each call site,
+///   using the ABI registers above and free to clobber any caller-saved register;
+/// * `predicate => nop` (call-site mode, functions returning `()`): nothing at all.
 ///
 /// Predicates: a feature name ([`Feature`]: `avx2`, `sse4_2`, `popcnt`, ...), `all(..)`,
-/// `any(..)`, `not(..)`, `hypervisor` (any), `hypervisor = "kvm"`, `when = path::to::fn` (a
-/// `fn() -> bool`). A candidate is named after its predicate when that is one word, else after
-/// its function; name any other `name: predicate => target`. Names are what `ALTPATCH=site=name`
-/// and the report use.
+/// `any(..)`, `not(..)`, `hypervisor` (any), `hypervisor = "kvm"`, `kvm_hints_realtime`,
+/// `when = path::to::fn` (a `fn() -> bool`). A candidate is named after its predicate when that
+/// is one word, else after its function; name any other `name: predicate => target`. Names are
+/// what `ALTPATCH=site=name` and the report use. `name = "..."` sets the site's own name (by
+/// default `module::function`), so that several functions can share one `ALTPATCH` choice.
+///
+/// Generic functions, `async fn` and unsupported signatures are compile errors that say what to
+/// do instead.
 pub use patch_macros::alternative;
 
 /// Multi-way inline assembly, like the kernel's `ALTERNATIVE_2/_3`: the default instructions

@@ -104,7 +104,7 @@ fn toggling_ten_thousand_times_while_two_threads_run_the_branches() {
                     let s2 = seq.load(Ordering::Acquire);
                     assert!(got == n || got == n + 1000, "traced({n}) = {got}");
                     // No `set` ran during the call: the site must agree with the flag.
-                    if s1 == s2 && s1 % 2 == 0 {
+                    if s1 == s2 && s1.is_multiple_of(2) {
                         assert_eq!(got == n + 1000, flag, "branch disagrees with a settled key");
                         stable += 1;
                     }
