@@ -129,3 +129,16 @@ fn sites_sharing_a_name_take_one_choice_and_keep_their_predicate_text() {
         );
     }
 }
+
+#[test]
+fn slices_and_references_pass_through_a_call_site() {
+    let _lock = patch_lock();
+    let xs = [1u32, 2, 3, 4];
+    for (features, extra) in [(&[Feature::Avx2][..], 1), (&[][..], 0)] {
+        let report = Patcher::new().cpu(cpu_with(features)).apply();
+        assert!(report.site("weigh").count() > 0, "{report}");
+        let mut len = 0;
+        assert_eq!(weigh(black_box(&xs), black_box(&10), &mut len), 100 + extra);
+        assert_eq!(len, 4);
+    }
+}

@@ -310,14 +310,143 @@ fn classify(ty: &Type) -> Option<Class> {
     }
 }
 
+/// How an argument of a call site travels.
+enum ArgKind {
+    /// One register of `class`.
+    Scalar(Class),
+    /// `&[T]` / `&mut [T]`: pointer and length in two registers.
+    Slice { mutable: bool, elem: Type },
+    /// `&T` / `&mut T`: a pointer.
+    Ref { mutable: bool, elem: Type },
+}
+
+impl ArgKind {
+    fn of(ty: &Type) -> Option<ArgKind> {
+        if let Type::Reference(r) = ty {
+            let mutable = r.mutability.is_some();
+            return match &*r.elem {
+                Type::Slice(slice) => Some(ArgKind::Slice {
+                    mutable,
+                    elem: (*slice.elem).clone(),
+                }),
+                // A reference to an unsized type is two words that one register cannot hold.
+                Type::TraitObject(_) => None,
+                Type::Path(p) if p.path.is_ident("str") => None,
+                elem => Some(ArgKind::Ref {
+                    mutable,
+                    elem: elem.clone(),
+                }),
+            };
+        }
+        classify(ty).map(ArgKind::Scalar)
+    }
+
+    fn classes(&self) -> Vec<Class> {
+        match self {
+            ArgKind::Scalar(class) => vec![*class],
+            ArgKind::Slice { .. } => vec![Class::Int, Class::Int],
+            ArgKind::Ref { .. } => vec![Class::Int],
+        }
+    }
+}
+
+/// One argument of a call site.
+struct Param {
+    ident: Ident,
+    ty: Type,
+    kind: ArgKind,
+    regs: Vec<&'static str>,
+    index: usize,
+}
+
+impl Param {
+    fn raw(&self, part: usize) -> Ident {
+        format_ident!("__altpatch_arg{}_{}", self.index, part)
+    }
+
+    /// The shim's parameters for this argument.
+    fn raw_params(&self) -> Vec<TokenStream2> {
+        let (p0, p1) = (self.raw(0), self.raw(1));
+        let ty = &self.ty;
+        match &self.kind {
+            ArgKind::Scalar(_) => vec![quote!(#p0: #ty)],
+            ArgKind::Slice {
+                mutable: false,
+                elem,
+            } => vec![quote!(#p0: *const #elem), quote!(#p1: usize)],
+            ArgKind::Slice {
+                mutable: true,
+                elem,
+            } => vec![quote!(#p0: *mut #elem), quote!(#p1: usize)],
+            ArgKind::Ref {
+                mutable: false,
+                elem,
+            } => vec![quote!(#p0: *const #elem)],
+            ArgKind::Ref {
+                mutable: true,
+                elem,
+            } => vec![quote!(#p0: *mut #elem)],
+        }
+    }
+
+    /// The Rust value, rebuilt inside a shim from its raw parts.
+    fn rebuild(&self) -> TokenStream2 {
+        let (p0, p1) = (self.raw(0), self.raw(1));
+        let safety = quote!(
+            // SAFETY: the site passes exactly the parts of a live reference of the caller,
+            // borrowed for the duration of the call.
+        );
+        match &self.kind {
+            ArgKind::Scalar(_) => quote!(#p0),
+            ArgKind::Slice { mutable: false, .. } => {
+                quote!({ #safety unsafe { ::core::slice::from_raw_parts(#p0, #p1) } })
+            }
+            ArgKind::Slice { mutable: true, .. } => {
+                quote!({ #safety unsafe { ::core::slice::from_raw_parts_mut(#p0, #p1) } })
+            }
+            ArgKind::Ref { mutable: false, .. } => quote!({ #safety unsafe { &*#p0 } }),
+            ArgKind::Ref { mutable: true, .. } => quote!({ #safety unsafe { &mut *#p0 } }),
+        }
+    }
+
+    /// The `asm!` inputs that put this argument in its registers.
+    fn in_operands(&self) -> Vec<TokenStream2> {
+        let ident = &self.ident;
+        let r = &self.regs;
+        match &self.kind {
+            ArgKind::Scalar(Class::Int) => vec![quote!(in(#(#r)*) (#ident as u64))],
+            ArgKind::Scalar(Class::Float) => vec![quote!(in(#(#r)*) #ident)],
+            ArgKind::Slice { mutable: false, .. } => {
+                let (a, b) = (r[0], r[1]);
+                vec![quote!(in(#a) #ident.as_ptr()), quote!(in(#b) #ident.len())]
+            }
+            ArgKind::Slice { mutable: true, .. } => {
+                let (a, b) = (r[0], r[1]);
+                vec![
+                    quote!(in(#b) #ident.len()),
+                    quote!(in(#a) #ident.as_mut_ptr()),
+                ]
+            }
+            ArgKind::Ref {
+                mutable: false,
+                elem,
+            } => vec![quote!(in(#(#r)*) (#ident as *const #elem))],
+            ArgKind::Ref {
+                mutable: true,
+                elem,
+            } => vec![quote!(in(#(#r)*) (#ident as *mut #elem))],
+        }
+    }
+}
+
 const INT_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
 const FLOAT_REGS: [&str; 8] = [
     "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
 ];
 
 const UNSUPPORTED_SIGNATURE: &str = "#[alternative(inline)] needs a signature that fits the C ABI in registers: up to six \
-     integer, bool or raw-pointer arguments and up to eight f32/f64, returning one of those or (); \
-     remove `inline` to use a trampoline";
+     integer, bool, raw-pointer or reference arguments (a slice counts two) and up to eight f32/f64, \
+     returning an integer, bool, raw pointer, f32/f64 or (); remove `inline` to use a trampoline";
 
 fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
     let sig = &func.sig;
@@ -436,14 +565,14 @@ fn rustc_target_feature(name: &str) -> Option<&'static str> {
 /// Call-site mode: every inlined call is a site with the C ABI in registers.
 fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<TokenStream2> {
     let sig = &func.sig;
-    // Arguments → registers.
+    // Arguments → registers, as raw parts the shims turn back into the Rust values.
     let (mut ints, mut floats) = (0, 0);
-    let mut params = Vec::new(); // (ident, type, register, class)
-    for input in &sig.inputs {
+    let mut params: Vec<Param> = Vec::new();
+    for (i, input) in sig.inputs.iter().enumerate() {
         let FnArg::Typed(pt) = input else {
             return Err(Error::new(
                 input.span(),
-                "#[alternative(inline)] does not support methods; use it on a free function",
+                "#[alternative(inline)] does not support methods; remove `inline` to use a trampoline",
             ));
         };
         let Pat::Ident(pi) = &*pt.pat else {
@@ -452,14 +581,23 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
                 "#[alternative(inline)] needs plain identifiers as argument patterns",
             ));
         };
-        let class =
-            classify(&pt.ty).ok_or_else(|| Error::new(pt.ty.span(), UNSUPPORTED_SIGNATURE))?;
-        let reg = match class {
-            Class::Int => INT_REGS.get(ints).inspect(|_| ints += 1),
-            Class::Float => FLOAT_REGS.get(floats).inspect(|_| floats += 1),
+        let kind =
+            ArgKind::of(&pt.ty).ok_or_else(|| Error::new(pt.ty.span(), UNSUPPORTED_SIGNATURE))?;
+        let mut regs = Vec::new();
+        for class in kind.classes() {
+            let reg = match class {
+                Class::Int => INT_REGS.get(ints).inspect(|_| ints += 1),
+                Class::Float => FLOAT_REGS.get(floats).inspect(|_| floats += 1),
+            };
+            regs.push(*reg.ok_or_else(|| Error::new(pt.span(), UNSUPPORTED_SIGNATURE))?);
         }
-        .ok_or_else(|| Error::new(pt.span(), UNSUPPORTED_SIGNATURE))?;
-        params.push((pi.ident.clone(), (*pt.ty).clone(), *reg, class));
+        params.push(Param {
+            ident: pi.ident.clone(),
+            ty: (*pt.ty).clone(),
+            kind,
+            regs,
+            index: i,
+        });
     }
     let ret = match &sig.output {
         ReturnType::Default => None,
@@ -485,38 +623,44 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
     let inputs = &sig.inputs;
     let output = &sig.output;
     let unsafety = &sig.unsafety;
-    let arg_names: Vec<&Ident> = params.iter().map(|p| &p.0).collect();
-    let arg_types: Vec<&Type> = params.iter().map(|p| &p.1).collect();
+    let raw_params: Vec<TokenStream2> = params.iter().flat_map(Param::raw_params).collect();
+    let rebuilt: Vec<TokenStream2> = params.iter().map(Param::rebuild).collect();
 
-    // Shims: the default body, and one `extern "sysv64"` wrapper per call candidate, so every
-    // target has the C ABI the site's registers follow.
+    // One `extern "sysv64"` shim per call target, the default body included, taking the raw
+    // parts in the site's registers and calling the target with the Rust values.
+    let body_fn = format_ident!("__altpatch_body");
+    let shim = |name: &Ident, path: TokenStream2, features: TokenStream2| {
+        let call = if unsafety.is_some() {
+            quote_spanned!(path.span()=> unsafe { #path(#(#rebuilt),*) })
+        } else {
+            quote_spanned!(path.span()=> #path(#(#rebuilt),*))
+        };
+        quote_spanned! {path.span()=>
+            #[allow(improper_ctypes_definitions, clippy::missing_safety_doc)]
+            #features
+            #unsafety extern "sysv64" fn #name(#(#raw_params),*) #output {
+                // A candidate with another signature is a type error here.
+                #call
+            }
+        }
+    };
     let default_fn = format_ident!("__altpatch_default");
-    let mut shims = vec![quote! {
-        #[allow(improper_ctypes_definitions)]
-        #unsafety extern "sysv64" fn #default_fn(#inputs) #output #block
-    }];
+    let mut shims = vec![
+        quote! {
+            #[inline(always)]
+            #unsafety fn #body_fn(#inputs) #output #block
+        },
+        shim(&default_fn, quote!(#body_fn), quote!()),
+    ];
     let mut syms = vec![(default_fn.clone(), quote!(#default_fn))];
     let mut blocks = vec![asm::Block::Call("d0".into())];
     for (i, c) in args.candidates.iter().enumerate() {
         blocks.push(match &c.target {
             Target::Call(path) => {
-                let shim = format_ident!("__altpatch_candidate_{}", i + 1);
-                let call = if unsafety.is_some() {
-                    quote!(unsafe { #path(#(#arg_names),*) })
-                } else {
-                    quote!(#path(#(#arg_names),*))
-                };
-                let features = shim_attributes(&c.predicate);
-                shims.push(quote_spanned! {path.span()=>
-                    #[allow(improper_ctypes_definitions)]
-                    #features
-                    #unsafety extern "sysv64" fn #shim(#(#arg_names: #arg_types),*) #output {
-                        // A candidate with another signature is a type error here.
-                        #call
-                    }
-                });
+                let name = format_ident!("__altpatch_candidate_{}", i + 1);
+                shims.push(shim(&name, quote!(#path), shim_attributes(&c.predicate)));
                 let operand = format!("d{}", i + 1);
-                syms.push((format_ident!("d{}", i + 1), quote!(#shim)));
+                syms.push((format_ident!("d{}", i + 1), quote!(#name)));
                 asm::Block::Call(operand)
             }
             Target::Asm(lines) => asm::Block::Asm(lines.iter().map(LitStr::value).collect()),
@@ -529,10 +673,7 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
         quote!(#name = sym #path)
     });
     let desc = descriptor(args, fn_name, names);
-    let in_operands = params.iter().map(|(ident, _, reg, class)| match class {
-        Class::Int => quote!(in(#reg) (#ident as u64)),
-        Class::Float => quote!(in(#reg) #ident),
-    });
+    let in_operands: Vec<TokenStream2> = params.iter().flat_map(Param::in_operands).collect();
     let (out_operand, ret_value) = match &ret {
         None => (quote!(), quote!()),
         Some((ty, Class::Int)) if quote!(#ty).to_string() == "bool" => (
@@ -554,6 +695,7 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
         Some((ty, Class::Float)) => quote!(let __altpatch_ret: #ty;),
     };
     let kind = asm::KIND_CALL_SITE;
+    let arg_names: Vec<&Ident> = params.iter().map(|p| &p.ident).collect();
     let unsafe_call = if unsafety.is_some() {
         quote!(unsafe)
     } else {
@@ -588,7 +730,7 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
             }
             #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
             {
-                #unsafe_call { #default_fn(#(#arg_names),*) }
+                #unsafe_call { #body_fn(#(#arg_names),*) }
             }
         }
     })

@@ -106,3 +106,16 @@ pub fn shared_hook_a(x: u64) {
 pub fn shared_hook_b(x: u64) {
     HOOK_TOTAL.fetch_add(x, Ordering::SeqCst);
 }
+
+pub fn weigh_scaled(xs: &[u32], scale: &u64, out: &mut u64) -> u64 {
+    *out = xs.len() as u64;
+    xs.iter().map(|&x| u64::from(x)).sum::<u64>() * *scale + 1
+}
+
+/// Slices and references through the site's registers: `sum(xs) * scale` (+1 for `avx2`), and
+/// the slice's length written through `out`.
+#[altpatch::alternative(inline, avx2 => weigh_scaled)]
+pub fn weigh(xs: &[u32], scale: &u64, out: &mut u64) -> u64 {
+    *out = xs.len() as u64;
+    xs.iter().map(|&x| u64::from(x)).sum::<u64>() * *scale
+}
