@@ -142,3 +142,24 @@ fn slices_and_references_pass_through_a_call_site() {
         assert_eq!(len, 4);
     }
 }
+
+#[test]
+fn a_bare_hypervisor_predicate_selects_in_a_vm_only() {
+    let _lock = patch_lock();
+    let kvm = altpatch::Cpu::from_source(&altpatch::FakeCpuid::new().with_kvm(0x4000_0000, 0, 0));
+    let report = Patcher::new().cpu(kvm).apply();
+    assert!(
+        report
+            .site("bare_metal_only_hook")
+            .all(|s| s.chosen == "in_vm" && s.how == How::Nop),
+        "{report}"
+    );
+    let report = Patcher::new().cpu(cpu_with(&[])).apply();
+    assert!(
+        report
+            .site("bare_metal_only_hook")
+            .all(|s| s.chosen == "default"),
+        "{report}"
+    );
+    bare_metal_only_hook(black_box(0));
+}

@@ -215,12 +215,15 @@ fn default_writer() -> Box<dyn TextWriter> {
     }
 }
 
-/// Every site's name and candidate names, for checking `ALTPATCH` choices.
+/// Every site's name and candidate names, for checking `ALTPATCH` choices: one entry per
+/// descriptor, however many inlined copies share it.
 fn choice_table(records: &[SiteRecord]) -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut seen = std::collections::HashSet::new();
     records
         .iter()
         // Static branches follow their key, never an `ALTPATCH` choice.
         .filter(|r| record::is_understood(r) && r.descriptor().key.is_none())
+        .filter(|r| seen.insert(r.descriptor() as *const SiteDescriptor))
         .map(|r| {
             (
                 r.descriptor().name,
@@ -365,7 +368,9 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
         update.unpatched = Some(why.clone());
         return update;
     }
-    let memory = crate::os::memory_map();
+    // The program's text does not move: the map read at the first toggle serves every later one.
+    static MEMORY: OnceLock<crate::os::MemoryMap> = OnceLock::new();
+    let memory = MEMORY.get_or_init(crate::os::memory_map);
     let mut writes = Vec::with_capacity(sites.len());
     for rec in sites {
         let wanted = |desc: &SiteDescriptor| {
@@ -375,7 +380,7 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
                 reason: Reason::Key(site.key.is_enabled()),
             }
         };
-        match plan_record(rec, &memory, wanted) {
+        match plan_record(rec, memory, wanted) {
             Ok((_, write)) if write.plan.bytes != write.old => writes.push(write),
             Ok(_) => {}
             Err(why) => update.unpatched = Some(why),

@@ -178,12 +178,49 @@ pub fn decode(block: Block<'_>) -> Result<Vec<Instruction>, String> {
     Ok(out)
 }
 
+/// A lone `call rel32` or `jmp rel32` moved to `new_ip` (the `jmp` in its short form when it
+/// reaches), without a block encoder: the common blocks of call sites, trampolines and branches.
+fn relocate_lone_branch(block: Block<'_>, new_ip: u64) -> Option<Vec<u8>> {
+    let [op @ (0xe8 | 0xe9), rel @ ..] = block.bytes else {
+        return None;
+    };
+    let rel = i32::from_le_bytes(rel.try_into().ok()?);
+    let target = block.ip.wrapping_add(5).wrapping_add_signed(i64::from(rel));
+    let short = i8::try_from(target.wrapping_sub(new_ip.wrapping_add(2)) as i64);
+    if let (0xe9, Ok(short)) = (*op, short) {
+        return Some(vec![JMP_REL8, short as u8]);
+    }
+    let rel = i32::try_from(target.wrapping_sub(new_ip.wrapping_add(5)) as i64).ok()?;
+    let mut out = vec![*op];
+    out.extend_from_slice(&rel.to_le_bytes());
+    Some(out)
+}
+
 /// Re-encodes `block` at `new_ip`, relocating relative branches, calls and RIP-relative operands.
 pub fn relocate(block: Block<'_>, new_ip: u64) -> Result<Vec<u8>, String> {
+    if let Some(bytes) = relocate_lone_branch(block, new_ip) {
+        return Ok(bytes);
+    }
     let mut instrs = decode(block)?;
     if instrs.is_empty() {
         return Ok(Vec::new());
     }
+    // Nothing relative: the bytes mean the same anywhere.
+    if instrs
+        .iter()
+        .all(|i| !is_near_branch(i) && !i.is_ip_rel_memory_operand())
+    {
+        return Ok(block.bytes.to_vec());
+    }
+    encode_at(block, &mut instrs, new_ip)
+}
+
+/// The general relocation: iced-x86's `BlockEncoder` over the decoded block.
+fn encode_at(
+    block: Block<'_>,
+    instrs: &mut Vec<Instruction>,
+    new_ip: u64,
+) -> Result<Vec<u8>, String> {
     // A branch to the block's own end would otherwise keep pointing after the original block.
     // Anchor it on a NOP placed there, so BlockEncoder moves it with the block; the NOP becomes
     // the first byte of the filler.
@@ -198,7 +235,7 @@ pub fn relocate(block: Block<'_>, new_ip: u64) -> Result<Vec<u8>, String> {
     }
     let encoded = BlockEncoder::encode(
         64,
-        InstructionBlock::new(&instrs, new_ip),
+        InstructionBlock::new(instrs, new_ip),
         BlockEncoderOptions::NONE,
     )
     .map_err(|e| e.to_string())?;
@@ -286,9 +323,15 @@ pub fn plan_site(
     let name = |i: usize| names.get(i).copied().unwrap_or("candidate").to_string();
     let undecodable = |block: String, detail: String| Refusal::Undecodable { block, detail };
 
+    // The chosen block first (it is also what an already-patched site holds), then the others
+    // until the site's current bytes are recognised.
+    let order = core::iter::once(chosen).chain((0..candidates.len()).filter(|&i| i != chosen));
     let mut recognised = false;
     let mut new_body = None;
-    for (i, block) in candidates.iter().enumerate() {
+    for i in order {
+        let block = candidates
+            .get(i)
+            .ok_or_else(|| undecodable(name(i), "no such candidate".into()))?;
         let relocated = relocate(*block, site_ip).map_err(|d| undecodable(name(i), d))?;
         if relocated.len() > current.len() {
             return Err(Refusal::TooLong {
@@ -302,11 +345,12 @@ pub fn plan_site(
             ip: site_ip,
         })
         .map_err(|d| undecodable(name(i), d))?;
-        if !recognised && matches_block(site, &instrs).is_some() {
-            recognised = true;
-        }
+        recognised = recognised || matches_block(site, &instrs).is_some();
         if i == chosen {
             new_body = Some((relocated, instrs));
+        }
+        if recognised {
+            break;
         }
     }
     if !recognised {
@@ -487,6 +531,29 @@ mod tests {
         })
         .unwrap();
         assert_eq!(instrs[1].near_branch_target(), SITE + 8);
+    }
+
+    #[test]
+    fn lone_branches_relocate_like_the_block_encoder() {
+        for (op, target, new_ip) in [
+            (0xe8u8, 0x50_0000u64, SITE),
+            (0xe9, 0x50_0000, SITE),
+            (0xe9, SITE + 40, SITE), // in rel8 reach: the short form
+            (0xe9, SITE - 100, SITE),
+            (0xe8, SITE + 40, SITE),
+        ] {
+            let rel = (target as i64 - (REPL as i64 + 5)) as i32;
+            let mut bytes = vec![op];
+            bytes.extend_from_slice(&rel.to_le_bytes());
+            let block = Block {
+                bytes: &bytes,
+                ip: REPL,
+            };
+            let fast = relocate_lone_branch(block, new_ip).unwrap();
+            let mut instrs = decode(block).unwrap();
+            let slow = encode_at(block, &mut instrs, new_ip).unwrap();
+            assert_eq!(fast, slow, "op {op:#x} to {target:#x}");
+        }
     }
 
     #[test]

@@ -175,7 +175,8 @@ impl Parse for PredicateArg {
                 }
                 Ok(PredicateArg::Not(Box::new(inner.remove(0))))
             }
-            "hypervisor" if input.peek(Token![=]) => {
+            // `peek(Token![=])` also matches the first character of `=>`.
+            "hypervisor" if input.peek(Token![=]) && !input.peek(Token![=>]) => {
                 input.parse::<Token![=]>()?;
                 Ok(PredicateArg::Hypervisor(input.parse()?))
             }

@@ -96,6 +96,13 @@ pub fn rest_is_filler(instrs: &[Instruction], n: usize) -> bool {
     true
 }
 
+/// A bare `hypervisor` predicate right before `=>` (regression: it was parsed as
+/// `hypervisor = ...`).
+#[altpatch::alternative(inline, in_vm: hypervisor => nop)]
+pub fn bare_metal_only_hook(x: u64) {
+    HOOK_TOTAL.fetch_add(x, Ordering::SeqCst);
+}
+
 /// Two sites sharing one name, so one `ALTPATCH=shared_hook=...` choice covers both.
 #[altpatch::alternative(inline, name = "shared_hook", quiet: not(hypervisor) => nop, loud: all(avx2, not(avx512f)) => nop)]
 pub fn shared_hook_a(x: u64) {

@@ -1,0 +1,193 @@
+//! What a call through each dispatch mechanism costs, side by side in one run: a popcount of a
+//! u64 per element of a loop, and a hook that does nothing on this machine.
+//!
+//! `cargo bench --bench dispatch` (numbers and the ratio table); `cargo test --benches` (quick
+//! check that it runs).
+
+#[path = "ratios.rs"]
+mod ratios;
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+use altpatch::Patcher;
+use criterion::Criterion;
+use multiversion::multiversion;
+
+const CALLS: u64 = 1024;
+
+#[target_feature(enable = "popcnt")]
+fn popcnt_tf(x: u64) -> u64 {
+    u64::from(x.count_ones())
+}
+
+/// The limit: the loop compiled with POPCNT, popcount inlined as one instruction.
+#[target_feature(enable = "popcnt")]
+fn loop_limit(n: u64) -> u64 {
+    (0..n).map(|i| u64::from(black_box(i).count_ones())).sum()
+}
+
+#[altpatch::alternative(popcnt => popcnt_tf)]
+fn pc_trampoline(x: u64) -> u64 {
+    u64::from(x.count_ones())
+}
+
+#[altpatch::alternative(inline, popcnt => popcnt_tf)]
+fn pc_call_site(x: u64) -> u64 {
+    u64::from(x.count_ones())
+}
+
+#[altpatch::alternative(inline, popcnt => asm("popcnt rax, rdi"))]
+fn pc_inline(x: u64) -> u64 {
+    u64::from(x.count_ones())
+}
+
+#[multiversion(targets("x86_64+popcnt"))]
+fn pc_multiversion(x: u64) -> u64 {
+    u64::from(x.count_ones())
+}
+
+static HOOKED: AtomicU64 = AtomicU64::new(0);
+
+/// NOPs on this machine once patched (POPCNT present); an atomic add unpatched.
+#[altpatch::alternative(inline, quiet: popcnt => nop)]
+fn hook(x: u64) {
+    HOOKED.fetch_add(x, Ordering::Relaxed);
+}
+
+static POINTER: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+fn via_pointer(x: u64) -> u64 {
+    // SAFETY: POINTER holds `popcnt_tf`, stored in main after checking POPCNT.
+    unsafe {
+        let f: unsafe fn(u64) -> u64 = std::mem::transmute(POINTER.load(Ordering::Relaxed));
+        f(x)
+    }
+}
+
+fn via_detect(x: u64) -> u64 {
+    if std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: POPCNT is present.
+        unsafe { popcnt_tf(x) }
+    } else {
+        u64::from(x.count_ones())
+    }
+}
+
+fn each(f: impl Fn(u64) -> u64) -> u64 {
+    (0..CALLS).map(|i| f(black_box(i))).sum()
+}
+
+fn bench_popcount(c: &mut Criterion, patched: bool) {
+    let mut g = c.benchmark_group("dispatch");
+    if patched {
+        // SAFETY: main checked POPCNT.
+        g.bench_function("limit_target_feature", |b| {
+            b.iter(|| unsafe { loop_limit(CALLS) })
+        });
+        // SAFETY: main checked POPCNT.
+        g.bench_function("direct_call", |b| {
+            b.iter(|| each(|x| unsafe { popcnt_tf(x) }))
+        });
+        g.bench_function("atomic_fn_pointer", |b| b.iter(|| each(via_pointer)));
+        g.bench_function("is_x86_feature_detected", |b| b.iter(|| each(via_detect)));
+        g.bench_function("multiversion", |b| b.iter(|| each(pc_multiversion)));
+        g.bench_function("no_code", |b| b.iter(|| each(|x| x)));
+    }
+    let tag = if patched { "patched" } else { "unpatched" };
+    g.bench_function(format!("altpatch_trampoline_{tag}"), |b| {
+        b.iter(|| each(pc_trampoline))
+    });
+    g.bench_function(format!("altpatch_call_site_{tag}"), |b| {
+        b.iter(|| each(pc_call_site))
+    });
+    g.bench_function(format!("altpatch_inline_{tag}"), |b| {
+        b.iter(|| each(pc_inline))
+    });
+    g.bench_function(format!("altpatch_nop_site_{tag}"), |b| {
+        b.iter(|| {
+            each(|x| {
+                hook(x);
+                x
+            })
+        })
+    });
+    g.finish();
+}
+
+fn main() {
+    if !std::arch::is_x86_feature_detected!("popcnt") {
+        eprintln!("this benchmark needs POPCNT");
+        return;
+    }
+    POINTER.store(
+        popcnt_tf as unsafe fn(u64) -> u64 as *mut (),
+        Ordering::Relaxed,
+    );
+    let mut c = Criterion::default().configure_from_args();
+
+    let report = altpatch::apply_patches();
+    assert!(
+        report.site("pc_inline").all(|s| s.chosen == "popcnt"),
+        "{report}"
+    );
+    bench_popcount(&mut c, true);
+    // The same sites, back to their defaults: what a program pays where patching is impossible.
+    let restored = Patcher::new()
+        .overrides_str("pc_trampoline=default,pc_call_site=default,pc_inline=default,hook=default")
+        .apply();
+    assert!(restored.error.is_none(), "{restored}");
+    bench_popcount(&mut c, false);
+    c.final_summary();
+
+    let per = CALLS as f64;
+    ratios::print_table(
+        "dispatch",
+        per,
+        "call",
+        "limit_target_feature",
+        &[
+            ("limit_target_feature", None),
+            ("altpatch_inline_patched", Some(1.5)),
+            ("direct_call", None),
+            ("altpatch_call_site_patched", None),
+            ("altpatch_trampoline_patched", None),
+            ("multiversion", None),
+            ("atomic_fn_pointer", None),
+            ("is_x86_feature_detected", None),
+            ("altpatch_inline_unpatched", None),
+            ("altpatch_call_site_unpatched", None),
+            ("altpatch_trampoline_unpatched", None),
+        ],
+    );
+    ratios::print_table(
+        "dispatch",
+        per,
+        "call",
+        "direct_call",
+        &[
+            ("altpatch_call_site_patched", Some(1.02)),
+            ("altpatch_trampoline_patched", Some(1.02)),
+        ],
+    );
+    ratios::print_table(
+        "dispatch",
+        per,
+        "call",
+        "multiversion",
+        &[
+            ("altpatch_inline_patched", Some(0.4)),
+            ("altpatch_call_site_patched", None),
+        ],
+    );
+    ratios::print_table(
+        "dispatch",
+        per,
+        "call",
+        "no_code",
+        &[
+            ("altpatch_nop_site_patched", Some(1.02)),
+            ("altpatch_nop_site_unpatched", None),
+        ],
+    );
+}
