@@ -1,5 +1,6 @@
 //! Apply: record → detection → selection → plan → write → report, for every site in the program.
 
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -144,18 +145,28 @@ impl Patcher {
         let mut writes = Vec::new();
         let mut written_sites = Vec::new();
         let memory = crate::os::memory_map();
+        // Inlined copies share their descriptor, so they share its selection and its reason.
+        let mut selected: HashMap<*const SiteDescriptor, (Selection, String)> = HashMap::new();
         for rec in records {
             let mut site = site_report(rec);
             if let Some(why) = &report.disabled {
                 site.why = why.clone();
             } else {
-                match plan_record(rec, &memory, |desc| {
-                    select::select(desc, &report.cpu, &overrides)
-                }) {
+                let select = |desc: &SiteDescriptor| {
+                    let (selection, _) = selected.entry(desc).or_insert_with(|| {
+                        let selection = select::select(desc, &report.cpu, &overrides);
+                        let why = why_selected(desc, &selection);
+                        (selection, why)
+                    });
+                    selection.clone()
+                };
+                match plan_record(rec, &memory, select) {
                     Ok((selection, write)) => {
                         let name = rec.descriptor().candidates[selection.index].name;
                         site.chosen = name;
-                        site.why = why_selected(rec, &selection);
+                        site.why = selected[&(rec.descriptor() as *const SiteDescriptor)]
+                            .1
+                            .clone();
                         // The default running is "unpatched", whether as built or restored.
                         site.how = if selection.index == 0 {
                             How::Unpatched
@@ -329,8 +340,8 @@ fn plan_record(
     ))
 }
 
-fn why_selected(rec: &SiteRecord, selection: &Selection) -> String {
-    let candidates = rec.descriptor().candidates;
+fn why_selected(desc: &SiteDescriptor, selection: &Selection) -> String {
+    let candidates = desc.candidates;
     match selection.reason {
         Reason::Off => "patching is off".into(),
         Reason::Forced => format!("forced by {}", crate::overrides::ENV_VAR),

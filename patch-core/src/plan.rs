@@ -163,6 +163,9 @@ pub fn fill_nops(out: &mut Vec<u8>, mut len: usize) {
 
 /// Decodes all of `block`; fails on the first invalid or truncated instruction.
 pub fn decode(block: Block<'_>) -> Result<Vec<Instruction>, String> {
+    if block.bytes.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut decoder = Decoder::with_ip(64, block.bytes, block.ip, DecoderOptions::NONE);
     let mut out = Vec::new();
     while decoder.can_decode() {
@@ -276,6 +279,33 @@ fn matches_block(code: Block<'_>, expected: &[Instruction]) -> Option<usize> {
 /// Whether `bytes` is only NOPs, or `jmp rel8` over `int3`s, as [`fill_nops`] writes (build-time
 /// padding is single-byte `0x90`s; other NOP forms are accepted too).
 pub fn is_filler(bytes: &[u8]) -> bool {
+    is_known_filler(bytes) || is_decoded_filler(bytes)
+}
+
+/// The filler this crate writes (or the assembler's `0x90` padding), recognised byte for byte:
+/// no decoder for the common case.
+fn is_known_filler(mut bytes: &[u8]) -> bool {
+    loop {
+        match bytes {
+            [] => return true,
+            [JMP_REL8, skip, rest @ ..]
+                if usize::from(*skip) <= rest.len() && *skip <= i8::MAX as u8 =>
+            {
+                let (int3s, after) = rest.split_at(usize::from(*skip));
+                if int3s.iter().any(|&b| b != INT3) {
+                    return false;
+                }
+                bytes = after;
+            }
+            _ => match NOPS[1..].iter().find(|nop| bytes.starts_with(nop)) {
+                Some(nop) => bytes = &bytes[nop.len()..],
+                None => return false,
+            },
+        }
+    }
+}
+
+fn is_decoded_filler(bytes: &[u8]) -> bool {
     let mut decoder = Decoder::new(64, bytes, DecoderOptions::NONE);
     while decoder.can_decode() {
         let at = decoder.position();
@@ -324,7 +354,8 @@ pub fn plan_site(
     let undecodable = |block: String, detail: String| Refusal::Undecodable { block, detail };
 
     // The chosen block first (it is also what an already-patched site holds), then the others
-    // until the site's current bytes are recognised.
+    // until the site's current bytes are recognised: byte for byte where they can be, else by
+    // decoding (the assembler and the encoder may pick different encodings of one instruction).
     let order = core::iter::once(chosen).chain((0..candidates.len()).filter(|&i| i != chosen));
     let mut recognised = false;
     let mut new_body = None;
@@ -340,14 +371,18 @@ pub fn plan_site(
                 site_len: current.len(),
             });
         }
-        let instrs = decode(Block {
-            bytes: &relocated,
-            ip: site_ip,
-        })
-        .map_err(|d| undecodable(name(i), d))?;
-        recognised = recognised || matches_block(site, &instrs).is_some();
+        recognised = recognised
+            || (current.starts_with(&relocated) && is_filler(&current[relocated.len()..]))
+            || {
+                let instrs = decode(Block {
+                    bytes: &relocated,
+                    ip: site_ip,
+                })
+                .map_err(|d| undecodable(name(i), d))?;
+                matches_block(site, &instrs).is_some()
+            };
         if i == chosen {
-            new_body = Some((relocated, instrs));
+            new_body = Some(relocated);
         }
         if recognised {
             break;
@@ -358,12 +393,28 @@ pub fn plan_site(
             found: current.to_vec(),
         });
     }
-    let (mut bytes, instrs) =
+    let mut bytes =
         new_body.ok_or_else(|| undecodable(name(chosen), "no such candidate".into()))?;
     let body_len = bytes.len();
+    let simple = simple_shape(&bytes, site_ip);
     fill_nops(&mut bytes, current.len() - body_len);
+    if bytes == current {
+        // Already in place: nothing will be written.
+        if let Some(shape) = simple {
+            return Ok(Plan {
+                ip: site_ip,
+                shape,
+                bytes,
+            });
+        }
+    }
 
     // Decode what will be written, once more: it must be the intended instructions and filler.
+    let instrs = decode(Block {
+        bytes: &bytes[..body_len],
+        ip: site_ip,
+    })
+    .map_err(|d| undecodable(name(chosen), d))?;
     let written = Block {
         bytes: &bytes,
         ip: site_ip,
@@ -379,6 +430,24 @@ pub fn plan_site(
         shape: shape_of(&instrs, body_len),
         bytes,
     })
+}
+
+/// The shape of a block that is empty or one `call`/`jmp` encoded at `ip`, read off its bytes.
+fn simple_shape(bytes: &[u8], ip: u64) -> Option<Shape> {
+    let end = ip + bytes.len() as u64;
+    match bytes {
+        [] => Some(Shape::Nop),
+        [0xe8, rel @ ..] if rel.len() == 4 => Some(Shape::Call {
+            target: end.wrapping_add_signed(i64::from(i32::from_le_bytes(rel.try_into().ok()?))),
+        }),
+        [0xe9, rel @ ..] if rel.len() == 4 => Some(Shape::Jump {
+            target: end.wrapping_add_signed(i64::from(i32::from_le_bytes(rel.try_into().ok()?))),
+        }),
+        [JMP_REL8, rel] => Some(Shape::Jump {
+            target: end.wrapping_add_signed(i64::from(*rel as i8)),
+        }),
+        _ => None,
+    }
 }
 
 fn shape_of(instrs: &[Instruction], body_len: usize) -> Shape {
@@ -420,6 +489,38 @@ mod tests {
         fill_nops(&mut one, 8);
         let instrs = decode(Block { bytes: &one, ip: 0 }).unwrap();
         assert_eq!(instrs.len(), 1, "a tail of 8 is a single NOP");
+    }
+
+    #[test]
+    fn byte_level_filler_is_never_looser_than_decoding() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabet = [
+            0x90, 0x66, 0x0f, 0x1f, 0x00, 0x40, 0x44, 0x80, 0x84, 0xeb, 0xcc, 0x02, 0x7f,
+        ];
+        for _ in 0..20_000 {
+            let len = (next() % 16) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            if is_known_filler(&bytes) {
+                assert!(is_decoded_filler(&bytes), "{bytes:02x?}");
+            }
+        }
+        for len in 0..=200 {
+            let mut out = Vec::new();
+            fill_nops(&mut out, len);
+            assert!(
+                is_known_filler(&out) && is_decoded_filler(&out),
+                "len {len}"
+            );
+            assert!(is_known_filler(&vec![0x90; len]));
+        }
     }
 
     #[test]
