@@ -1,0 +1,156 @@
+//! Under a seccomp filter that refuses `mprotect(PROT_WRITE|PROT_EXEC)` (a W^X policy), altpatch
+//! writes through `/proc/self/mem` instead; when opening files for writing is refused too, every
+//! site runs its default, the report says why, and the program goes on. Each case runs in a child
+//! process, since a seccomp filter cannot be removed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::process::Command;
+
+use altpatch::{Feature, How, Patcher};
+use common::*;
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+};
+
+const DENY_WX: &str = "wx";
+const DENY_WX_AND_WRITABLE_OPEN: &str = "wx+open";
+
+fn masked_eq(arg: u8, mask: u64, value: u64) -> SeccompRule {
+    let cond = SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )
+    .unwrap();
+    SeccompRule::new(vec![cond]).unwrap()
+}
+
+/// Installs the filter on the calling thread (the one that then patches).
+fn deny(policy: &str) {
+    let wx = (libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_mprotect, vec![masked_eq(2, wx, wx)]);
+    if policy == DENY_WX_AND_WRITABLE_OPEN {
+        let acc = libc::O_ACCMODE as u64;
+        let writable = vec![
+            masked_eq(2, acc, libc::O_WRONLY as u64),
+            masked_eq(2, acc, libc::O_RDWR as u64),
+        ];
+        rules.insert(libc::SYS_openat, writable.clone());
+        rules.insert(
+            libc::SYS_open,
+            vec![
+                masked_eq(1, acc, libc::O_WRONLY as u64),
+                masked_eq(1, acc, libc::O_RDWR as u64),
+            ],
+        );
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap();
+    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+    seccompiler::apply_filter(&program).unwrap();
+}
+
+#[test]
+#[ignore = "entry point of the child processes the other tests start"]
+fn child_entry() {
+    let Ok(policy) = std::env::var("ALTPATCH_TEST_DENY") else {
+        return;
+    };
+    deny(&policy);
+    // The policy holds: making a page writable and executable is refused.
+    // SAFETY: maps a fresh anonymous page and changes only its protection; nothing refers to it.
+    let wx_allowed = unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(page, libc::MAP_FAILED);
+        libc::mprotect(
+            page,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+        ) == 0
+    };
+    println!("WX_MPROTECT_ALLOWED={wx_allowed}");
+    let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
+    for site in report.site("mix") {
+        println!(
+            "SITE how={} writer={} why={}",
+            site.how, report.writer, site.why
+        );
+    }
+    let running = if report.site("mix").all(|s| s.how == How::Call) {
+        "avx2"
+    } else {
+        "default"
+    };
+    assert_eq!(mix(black_box(7)), mix_expected(running, 7));
+    println!("MIX_RUNS={running}");
+}
+
+fn run_child(policy: &str) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ALTPATCH_TEST_DENY", policy)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "child under {policy} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn wx_denied_patches_through_proc_self_mem() {
+    let out = run_child(DENY_WX);
+    assert!(out.contains("WX_MPROTECT_ALLOWED=false"), "{out}");
+    assert!(out.contains("MIX_RUNS=avx2"), "{out}");
+    assert!(
+        out.lines()
+            .filter(|l| l.contains("SITE "))
+            .all(|l| l.contains("how=call") && l.contains("writer=/proc/self/mem")),
+        "{out}"
+    );
+}
+
+#[test]
+fn wx_and_proc_self_mem_denied_leave_defaults_and_say_why() {
+    let out = run_child(DENY_WX_AND_WRITABLE_OPEN);
+    assert!(out.contains("MIX_RUNS=default"), "{out}");
+    let sites: Vec<&str> = out.lines().filter(|l| l.contains("SITE ")).collect();
+    assert!(!sites.is_empty(), "{out}");
+    for line in sites {
+        assert!(line.contains("how=unpatched"), "{line}");
+        assert!(
+            line.contains("mprotect(PROT_READ|PROT_WRITE|PROT_EXEC) refused"),
+            "{line}"
+        );
+        assert!(
+            line.contains("cannot open /proc/self/mem for writing"),
+            "{line}"
+        );
+    }
+}
