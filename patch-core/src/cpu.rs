@@ -265,6 +265,7 @@ macro_rules! hypervisors {
     ($($kind:ident = $name:literal $signature:literal $doc:literal,)+) => {
         /// A hypervisor family, recognised by its CPUID signature.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "lowercase"))]
         #[non_exhaustive]
         pub enum HypervisorKind {
             $(#[doc = $doc] $kind,)+
@@ -341,6 +342,7 @@ impl fmt::Display for HypervisorKind {
 
 /// KVM's paravirt feature leaf (`base + 1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct KvmFeatures {
     /// `KVM_FEATURE_PV_UNHALT` (EAX bit 7): paravirt spinlock kick.
     pub pv_unhalt: bool,
@@ -369,6 +371,7 @@ impl KvmFeatures {
 
 /// The hypervisor the program runs under, as its CPUID leaves describe it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Hypervisor {
     /// Which hypervisor.
     pub kind: HypervisorKind,
@@ -446,6 +449,7 @@ impl<S: CpuidSource + ?Sized> CpuIdReader for Reader<'_, S> {
 
 /// One snapshot of the CPU and OS support, taken once at startup.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Cpu {
     vendor: String,
     features: FeatureSet,

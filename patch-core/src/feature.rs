@@ -187,6 +187,21 @@ impl fmt::Display for FeatureSet {
     }
 }
 
+#[cfg(feature = "serde")]
+impl serde::Serialize for Feature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// A list of feature names.
+#[cfg(feature = "serde")]
+impl serde::Serialize for FeatureSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ use crate::write::BatchStats;
 
 /// How a site runs after apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "lowercase"))]
 pub enum How {
     /// A direct `call` to the chosen candidate.
     Call,
@@ -54,6 +55,7 @@ impl fmt::Display for How {
 
 /// One site (one inlined copy of it) in the report.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SiteReport {
     /// Full name, `module::function`.
     pub name: &'static str,
@@ -81,6 +83,7 @@ pub struct SiteReport {
 
 /// The result of `apply_patches()`.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Report {
     /// Every site record in the program, in link order.
     pub sites: Vec<SiteReport>,
@@ -89,6 +92,7 @@ pub struct Report {
     /// Why nothing was written at all (platform, `ALTPATCH=off`, a configuration error), if so.
     pub disabled: Option<String>,
     /// A malformed `ALTPATCH` value or an unknown name in it.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::report::display_opt"))]
     pub error: Option<OverrideError>,
     /// The writer used.
     pub writer: &'static str,
@@ -192,5 +196,14 @@ impl fmt::Display for Report {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Serializes an optional error as its message.
+#[cfg(feature = "serde")]
+fn display_opt<T: fmt::Display, S: serde::Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
     }
 }

@@ -52,6 +52,7 @@ pub struct SiteWrite {
 
 /// What a batch did, for the report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct BatchStats {
     /// Pages written.
     pub pages: usize,
