@@ -16,14 +16,26 @@ fn the_report_serializes_every_site() {
     let json = serde_json::to_value(&report).unwrap();
     let sites = json["sites"].as_array().unwrap();
     assert_eq!(sites.len(), report.sites.len());
-    let mix = sites.iter().find(|s| s["name"].as_str().unwrap().ends_with("::mix")).unwrap();
+    let mix = sites
+        .iter()
+        .find(|s| s["name"].as_str().unwrap().ends_with("::mix"))
+        .unwrap();
     assert_eq!(mix["chosen"], "avx2");
     assert_eq!(mix["how"], "call");
     assert_eq!(mix["kind"], "call_site");
-    assert_eq!(mix["candidates"], serde_json::json!(["default", "avx2", "bmi2"]));
+    assert_eq!(
+        mix["candidates"],
+        serde_json::json!(["default", "avx2", "bmi2"])
+    );
     assert_eq!(json["cpu"]["features"], serde_json::json!(["avx2"]));
     assert_eq!(json["error"], serde_json::Value::Null);
     let broken = Patcher::new().overrides_str("mix=nope").apply();
     let json = serde_json::to_value(&broken).unwrap();
-    assert!(json["error"].as_str().unwrap().contains("has no candidate \"nope\""), "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no candidate \"nope\""),
+        "{json}"
+    );
 }

@@ -27,7 +27,11 @@ pub const REPL_SECTION: &str = "altpatch_repl";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 #[non_exhaustive]
-#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum SiteKind {
     /// A `call` to the default inside a caller, with NOP padding: becomes a direct call, inline
     /// instructions or NOPs.

@@ -11,7 +11,11 @@ use crate::write::BatchStats;
 
 /// How a site runs after apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "lowercase"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum How {
     /// A direct `call` to the chosen candidate.
     Call,
@@ -92,7 +96,10 @@ pub struct Report {
     /// Why nothing was written at all (platform, `ALTPATCH=off`, a configuration error), if so.
     pub disabled: Option<String>,
     /// A malformed `ALTPATCH` value or an unknown name in it.
-    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::report::display_opt"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "crate::report::display_opt")
+    )]
     pub error: Option<OverrideError>,
     /// The writer used.
     pub writer: &'static str,
@@ -201,7 +208,10 @@ impl fmt::Display for Report {
 
 /// Serializes an optional error as its message.
 #[cfg(feature = "serde")]
-fn display_opt<T: fmt::Display, S: serde::Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+fn display_opt<T: fmt::Display, S: serde::Serializer>(
+    value: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match value {
         Some(v) => s.collect_str(v),
         None => s.serialize_none(),
