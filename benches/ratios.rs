@@ -9,8 +9,18 @@ fn criterion_dir() -> PathBuf {
     target.join("criterion")
 }
 
+/// Whether this run measures: `cargo bench` passes `--bench`; `cargo test --benches` does not,
+/// and criterion then runs each bench once. Only a measuring run's saved estimates are its own.
+pub fn measuring() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test" || a == "--list")
+}
+
 /// Mean time in ns of `group/id` from the run that just finished, if it was measured.
 pub fn mean_ns(group: &str, id: &str) -> Option<f64> {
+    if !measuring() {
+        return None;
+    }
     let path = criterion_dir()
         .join(group)
         .join(id)
@@ -32,7 +42,7 @@ pub fn print_table(
 ) {
     println!("\n{group}: time per {unit}, ratio to `{baseline}`, and the target where one is set");
     let Some(base) = mean_ns(group, baseline) else {
-        println!("  (no estimates: run `cargo bench --bench {group}` for numbers)");
+        println!("  (not measured in this run: `cargo bench --bench {group}` measures)");
         return;
     };
     for (id, target) in rows {

@@ -163,3 +163,16 @@ fn a_bare_hypervisor_predicate_selects_in_a_vm_only() {
     );
     bare_metal_only_hook(black_box(0));
 }
+
+#[test]
+fn a_call_candidate_after_an_inline_one_calls_its_own_target() {
+    let _lock = patch_lock();
+    for (features, expected) in [
+        (&[Feature::Avx2][..], 7),
+        (&[Feature::Bmi2][..], 6),
+        (&[][..], 5),
+    ] {
+        Patcher::new().cpu(cpu_with(features)).apply();
+        assert_eq!(inc_after_asm(black_box(5)), expected, "{features:?}");
+    }
+}

@@ -653,7 +653,7 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
         },
         shim(&default_fn, quote!(#body_fn), quote!()),
     ];
-    let mut syms = vec![(default_fn.clone(), quote!(#default_fn))];
+    let mut syms = vec![(format_ident!("d0"), quote!(#default_fn))];
     let mut blocks = vec![asm::Block::Call("d0".into())];
     for (i, c) in args.candidates.iter().enumerate() {
         blocks.push(match &c.target {
@@ -669,10 +669,9 @@ fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<To
         });
     }
     let template = asm::padded_site(&blocks);
-    let sym_operands = syms.iter().enumerate().map(|(i, (_, path))| {
-        let name = format_ident!("d{}", i);
-        quote!(#name = sym #path)
-    });
+    // Each operand under the name its `call {dN}` uses: N is the candidate's index, not the
+    // operand's position (asm and nop candidates have none).
+    let sym_operands = syms.iter().map(|(name, path)| quote!(#name = sym #path));
     let desc = descriptor(args, fn_name, names);
     let in_operands: Vec<TokenStream2> = params.iter().flat_map(Param::in_operands).collect();
     let (out_operand, ret_value) = match &ret {

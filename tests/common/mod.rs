@@ -96,6 +96,17 @@ pub fn rest_is_filler(instrs: &[Instruction], n: usize) -> bool {
     true
 }
 
+pub fn plus_two(x: u64) -> u64 {
+    x + 2
+}
+
+/// A call candidate after an inline one (regression: operands were numbered by position, so
+/// this one named a `sym` operand that did not exist).
+#[altpatch::alternative(inline, bmi2 => asm("lea rax, [rdi + 1]"), avx2 => plus_two)]
+pub fn inc_after_asm(x: u64) -> u64 {
+    x
+}
+
 /// A bare `hypervisor` predicate right before `=>` (regression: it was parsed as
 /// `hypervisor = ...`).
 #[altpatch::alternative(inline, in_vm: hypervisor => nop)]

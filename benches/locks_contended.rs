@@ -1,0 +1,205 @@
+//! Contended throughput and fairness at 1, 2, 4, 8 and 16 threads on this machine, for every lock:
+//! each thread takes the lock, bumps a shared counter, releases, for a fixed time. Fairness is
+//! max/min acquisitions per thread. Writes `benches/contended.svg`.
+//!
+//! `cargo bench --bench locks_contended` (300 ms per point); `ALTPATCH_BENCH_QUICK=1` or
+//! `cargo test --benches` (a short run that only checks it works).
+
+#[path = "plain_ticket.rs"]
+mod plain_ticket;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use altpatch_sites::TicketMutex;
+use altpatch_sites::pv::{self, PvLock};
+use plain_ticket::PlainTicketLock;
+use plotters::prelude::*;
+
+const THREADS: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// Runs `threads` threads for `time`, each calling `critical` in a loop; returns acquisitions
+/// per thread.
+fn run(threads: usize, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<u64> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        critical();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(time);
+        stop.store(true, Ordering::Relaxed);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+struct Point {
+    threads: usize,
+    mops: f64,
+    fairness: f64,
+}
+
+fn measure(name: &str, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<Point> {
+    THREADS
+        .iter()
+        .map(|&threads| {
+            let start = Instant::now();
+            let counts = run(threads, time, critical);
+            let secs = start.elapsed().as_secs_f64();
+            let total: u64 = counts.iter().sum();
+            let (max, min) = (*counts.iter().max().unwrap(), *counts.iter().min().unwrap());
+            let p = Point {
+                threads,
+                mops: total as f64 / secs / 1e6,
+                fairness: max as f64 / min.max(1) as f64,
+            };
+            println!(
+                "{name:<24} {threads:>2} threads {:>9.3} M/s  max/min {:>8.1}",
+                p.mops, p.fairness
+            );
+            p
+        })
+        .collect()
+}
+
+fn plot(results: &[(&str, Vec<Point>)], path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(500);
+    let max_mops = results
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.mops))
+        .fold(0.0, f64::max)
+        * 1.1;
+    let max_fair = results
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.fairness.min(1000.0)))
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut tput = ChartBuilder::on(&left)
+        .caption("throughput (M acquisitions/s)", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(
+            (1u32..16u32).log_scale(),
+            (0.001f64..max_mops.max(0.01)).log_scale(),
+        )?;
+    tput.configure_mesh().x_desc("threads").draw()?;
+    let mut fair = ChartBuilder::on(&right)
+        .caption(
+            "fairness (max/min per thread, lower is fairer)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d((1u32..16u32).log_scale(), (1.0f64..max_fair).log_scale())?;
+    fair.configure_mesh().x_desc("threads").draw()?;
+    for (i, (name, points)) in results.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        tput.draw_series(LineSeries::new(
+            points.iter().map(|p| (p.threads as u32, p.mops.max(0.001))),
+            color.stroke_width(2),
+        ))?
+        .label(*name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        fair.draw_series(LineSeries::new(
+            points
+                .iter()
+                .map(|p| (p.threads as u32, p.fairness.min(1000.0))),
+            color.stroke_width(2),
+        ))?;
+    }
+    tput.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() {
+    let quick = std::env::var_os("ALTPATCH_BENCH_QUICK").is_some()
+        || std::env::args().any(|a| a == "--test" || a == "--quick");
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let time = Duration::from_millis(if quick { 10 } else { 300 });
+    altpatch::apply_patches();
+    println!(
+        "{} ms per point on {} CPUs",
+        time.as_millis(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let mut results = Vec::new();
+    let plain = PlainTicketLock::new();
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    results.push((
+        "plain ticket",
+        measure("plain ticket", time, &|| {
+            plain.lock();
+            counter.fetch_add(1, Ordering::Relaxed);
+            plain.unlock();
+        }),
+    ));
+    let ours = TicketMutex::new(0u64);
+    for (variant, name) in [
+        (PvLock::Native, "altpatch ticket native"),
+        (PvLock::Futex, "altpatch ticket pv futex"),
+    ] {
+        let report = pv::force(variant);
+        assert_eq!(pv::chosen(&report), Some(variant), "{report}");
+        results.push((name, measure(name, time, &|| *ours.lock() += 1)));
+    }
+    pv::force(PvLock::Native);
+    let std_mutex = std::sync::Mutex::new(0u64);
+    results.push((
+        "std Mutex",
+        measure("std Mutex", time, &|| *std_mutex.lock().unwrap() += 1),
+    ));
+    let pl = parking_lot::Mutex::new(0u64);
+    results.push((
+        "parking_lot",
+        measure("parking_lot", time, &|| *pl.lock() += 1),
+    ));
+    let sp = spin::mutex::TicketMutex::<_>::new(0u64);
+    results.push((
+        "spin TicketMutex",
+        measure("spin TicketMutex", time, &|| *sp.lock() += 1),
+    ));
+
+    let at8 = |name: &str| {
+        results
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, p)| p.iter().find(|p| p.threads == 8))
+    };
+    if let (Some(pv8), Some(plain8), Some(std8)) = (
+        at8("altpatch ticket pv futex"),
+        at8("plain ticket"),
+        at8("std Mutex"),
+    ) {
+        println!(
+            "\nat 8 threads: pv futex / plain ticket = {:.1}x (target >= 10), max/min {:.1} (target <= 2); pv futex / std Mutex = {:.2}x (bar: >= 0.5)",
+            pv8.mops / plain8.mops,
+            pv8.fairness,
+            pv8.mops / std8.mops
+        );
+    }
+    if !quick {
+        match plot(&results, "benches/contended.svg") {
+            Ok(()) => println!("plot: benches/contended.svg"),
+            Err(e) => println!("plot failed: {e}"),
+        }
+    }
+}
