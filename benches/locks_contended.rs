@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use altpatch_sites::TicketMutex;
 use altpatch_sites::pv::{self, PvLock};
-use plain_ticket::PlainTicketLock;
+use plain_ticket::PlainTicketMutex;
 use plotters::prelude::*;
 
 const THREADS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -142,16 +142,8 @@ fn main() {
     );
 
     let mut results = Vec::new();
-    let plain = PlainTicketLock::new();
-    let counter = std::sync::atomic::AtomicU64::new(0);
-    results.push((
-        "plain ticket",
-        measure("plain ticket", time, &|| {
-            plain.lock();
-            counter.fetch_add(1, Ordering::Relaxed);
-            plain.unlock();
-        }),
-    ));
+    let plain = PlainTicketMutex::new();
+    results.push(("plain ticket", measure("plain ticket", time, &|| plain.increment())));
     let ours = TicketMutex::new(0u64);
     for (variant, name) in [
         (PvLock::Native, "altpatch ticket native"),
