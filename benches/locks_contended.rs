@@ -143,7 +143,10 @@ fn main() {
 
     let mut results = Vec::new();
     let plain = PlainTicketMutex::new();
-    results.push(("plain ticket", measure("plain ticket", time, &|| plain.increment())));
+    results.push((
+        "plain ticket",
+        measure("plain ticket", time, &|| plain.increment()),
+    ));
     let ours = TicketMutex::new(0u64);
     for (variant, name) in [
         (PvLock::Native, "altpatch ticket native"),

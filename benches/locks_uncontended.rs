@@ -22,7 +22,9 @@ fn main() {
     let mut g = c.benchmark_group("locks_uncontended");
 
     let plain = PlainTicketMutex::new();
-    g.bench_function("plain_ticket", |b| b.iter(|| (0..PAIRS).for_each(|_| black_box(&plain).increment())));
+    g.bench_function("plain_ticket", |b| {
+        b.iter(|| (0..PAIRS).for_each(|_| black_box(&plain).increment()))
+    });
     let ours = TicketMutex::new(0u64);
     for (variant, id) in [
         (PvLock::Native, "altpatch_ticket_patched_native"),

@@ -16,7 +16,11 @@ unsafe impl Sync for PlainTicketMutex {}
 
 impl PlainTicketMutex {
     pub const fn new() -> Self {
-        PlainTicketMutex { next: AtomicU32::new(0), serving: AtomicU32::new(0), value: UnsafeCell::new(0) }
+        PlainTicketMutex {
+            next: AtomicU32::new(0),
+            serving: AtomicU32::new(0),
+            value: UnsafeCell::new(0),
+        }
     }
 
     /// Takes the lock, adds one to the value, releases it.
@@ -29,6 +33,9 @@ impl PlainTicketMutex {
         // SAFETY: the lock is held.
         unsafe { *self.value.get() += 1 };
         // Only the holder writes `serving`: a plain release increment.
-        self.serving.store(self.serving.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
+        self.serving.store(
+            self.serving.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Release,
+        );
     }
 }

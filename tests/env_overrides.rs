@@ -5,7 +5,6 @@
 mod common;
 
 use std::hint::black_box;
-use std::process::Command;
 
 use common::*;
 
@@ -16,27 +15,9 @@ fn run_child(value: &str) -> String {
 
 /// `run_child` with more environment variables; returns stdout and stderr.
 fn run_child_with(value: &str, env: &[(&str, &str)]) -> (String, String) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_entry",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("ALTPATCH", value)
-        .env("ALTPATCH_TEST_CHILD", "1")
-        .env_remove("ALTPATCH_LOG")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "child with ALTPATCH={value} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    let mut all = vec![("ALTPATCH", value), ("ALTPATCH_TEST_CHILD", "1")];
+    all.extend_from_slice(env);
+    run_child_entry(&all)
 }
 
 fn line<'a>(stdout: &'a str, key: &str) -> &'a str {

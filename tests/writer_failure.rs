@@ -4,28 +4,9 @@
 mod common;
 
 use std::hint::black_box;
-use std::ops::Range;
 
-use altpatch::{Feature, How, Patcher, TextWriter};
+use altpatch::{Feature, How, Patcher};
 use common::*;
-
-/// A writer that refuses every page, as a W^X policy would.
-struct Denied;
-
-impl TextWriter for Denied {
-    fn name(&self) -> &'static str {
-        "denied"
-    }
-    fn prepare(&mut self, _pages: Range<usize>) -> Result<(), String> {
-        Err("mprotect refused by policy (injected)".into())
-    }
-    fn write(&mut self, _addr: usize, _bytes: &[u8]) -> Result<(), String> {
-        panic!("write after a failed prepare")
-    }
-    fn finish(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 #[test]
 fn denied_writes_leave_the_defaults_running_and_say_why() {
@@ -39,7 +20,9 @@ fn denied_writes_leave_the_defaults_running_and_say_why() {
     };
     let report = Patcher::new()
         .cpu(cpu_with(&[Feature::Avx2, Feature::Bmi2]))
-        .writer(Box::new(Denied))
+        .writer(Box::new(RefusingWriter(
+            "mprotect refused by policy (injected)",
+        )))
         .apply();
     assert!(!report.sites.is_empty());
     for site in &report.sites {
@@ -57,7 +40,9 @@ fn denied_writes_leave_the_defaults_running_and_say_why() {
     // Nothing changed: a second, denied apply sees the same bytes.
     let again = Patcher::new()
         .cpu(cpu_with(&[Feature::Avx2]))
-        .writer(Box::new(Denied))
+        .writer(Box::new(RefusingWriter(
+            "mprotect refused by policy (injected)",
+        )))
         .apply();
     assert_eq!(snapshot(&report), snapshot(&again));
 }

@@ -4,30 +4,10 @@
 mod common;
 
 use std::hint::black_box;
-use std::ops::Range;
 
 use altpatch::writers::{MprotectWriter, ProcMemWriter};
 use altpatch::{FallbackWriter, Feature, How, Patcher, TextWriter};
 use common::*;
-
-/// `mprotect` refused, as under an SELinux `execmod` denial.
-#[derive(Default)]
-struct NoMprotect;
-
-impl TextWriter for NoMprotect {
-    fn name(&self) -> &'static str {
-        "no-mprotect"
-    }
-    fn prepare(&mut self, _pages: Range<usize>) -> Result<(), String> {
-        Err("mprotect: permission denied (injected)".into())
-    }
-    fn write(&mut self, _addr: usize, _bytes: &[u8]) -> Result<(), String> {
-        unreachable!("never prepared")
-    }
-    fn finish(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 /// Puts every site back to its default, then patches with `writer`.
 fn patch_with(writer: Box<dyn TextWriter>, features: &[Feature]) -> altpatch::Report {
@@ -64,7 +44,11 @@ fn each_writer_patches_on_its_own() {
 #[test]
 fn mprotect_refused_falls_back_to_proc_self_mem() {
     let _lock = patch_lock();
-    let writer = FallbackWriter::new(NoMprotect, ProcMemWriter::default());
+    let writer = FallbackWriter::new(
+        // `mprotect` refused, as under an SELinux `execmod` denial.
+        RefusingWriter("mprotect: permission denied (injected)"),
+        ProcMemWriter::default(),
+    );
     let report = patch_with(Box::new(writer), &[Feature::Bmi2]);
     assert_eq!(report.writer, "/proc/self/mem", "{report}");
     assert_mix_runs(&report, "bmi2");

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::process::Command;
 
 use altpatch::{Feature, How, Patcher};
 use common::*;
@@ -103,24 +102,7 @@ fn child_entry() {
 }
 
 fn run_child(policy: &str) -> String {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_entry",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("ALTPATCH_TEST_DENY", policy)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "child under {policy} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    run_child_entry(&[("ALTPATCH_TEST_DENY", policy)]).0
 }
 
 #[test]

@@ -18,7 +18,7 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Error, Ident, LitStr, Token, bracketed};
 
-use crate::{PredicateArg, asm};
+use crate::{PredicateArg, asm, parse_name_option};
 
 pub struct InlineSeq {
     name: Option<LitStr>,
@@ -41,16 +41,7 @@ fn lines(input: ParseStream<'_>) -> syn::Result<Vec<LitStr>> {
 
 impl Parse for InlineSeq {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let mut name = None;
-        if input.peek(Ident) && input.peek2(Token![=]) && !input.peek2(Token![=>]) {
-            let fork = input.fork();
-            if fork.parse::<Ident>()? == "name" {
-                input.parse::<Ident>()?;
-                input.parse::<Token![=]>()?;
-                name = Some(input.parse()?);
-                input.parse::<Token![,]>()?;
-            }
-        }
+        let name = parse_name_option(input)?;
         let default = lines(input)?;
         let mut candidates = Vec::new();
         while input.peek(Token![,]) {

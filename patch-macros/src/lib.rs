@@ -73,17 +73,9 @@ impl Parse for Args {
         let mut name = None;
         let mut candidates = Vec::new();
         while !input.is_empty() {
-            if input.peek(Ident) && input.peek2(Token![=]) && !input.peek2(Token![=>]) {
-                let fork = input.fork();
-                if fork.parse::<Ident>()? == "name" {
-                    input.parse::<Ident>()?;
-                    input.parse::<Token![=]>()?;
-                    name = Some(input.parse::<LitStr>()?);
-                    if !input.is_empty() {
-                        input.parse::<Token![,]>()?;
-                    }
-                    continue;
-                }
+            if let Some(given) = parse_name_option(input)? {
+                name = Some(given);
+                continue;
             }
             if input.peek(Ident) && input.peek2(Token![,])
                 || input.peek(Ident) && input.peek2(syn::parse::End)
@@ -110,6 +102,24 @@ impl Parse for Args {
             candidates,
         })
     }
+}
+
+/// `name = "..."` (and the comma after it), if the input starts with it.
+fn parse_name_option(input: ParseStream<'_>) -> syn::Result<Option<LitStr>> {
+    let fork = input.fork();
+    if !(fork.parse::<Ident>().is_ok_and(|i| i == "name")
+        && fork.peek(Token![=])
+        && !fork.peek(Token![=>]))
+    {
+        return Ok(None);
+    }
+    input.parse::<Ident>()?;
+    input.parse::<Token![=]>()?;
+    let name = input.parse::<LitStr>()?;
+    if !input.is_empty() {
+        input.parse::<Token![,]>()?;
+    }
+    Ok(Some(name))
 }
 
 impl Parse for CandidateArg {

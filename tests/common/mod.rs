@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use altpatch::{Cpu, Feature, FeatureSet, SiteReport};
+use altpatch::{Cpu, Feature, FeatureSet, SiteReport, TextWriter};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 
 pub fn mix_avx2(x: u64) -> u64 {
@@ -136,4 +136,49 @@ pub fn weigh_scaled(xs: &[u32], scale: &u64, out: &mut u64) -> u64 {
 pub fn weigh(xs: &[u32], scale: &u64, out: &mut u64) -> u64 {
     *out = xs.len() as u64;
     xs.iter().map(|&x| u64::from(x)).sum::<u64>() * *scale
+}
+
+/// Runs this test binary's ignored test `child_entry` in a child process with `env`; returns its
+/// stdout and stderr, after checking it succeeded. For what must happen once per process
+/// (reading `ALTPATCH`) or cannot be undone (a seccomp filter).
+pub fn run_child_entry(env: &[(&str, &str)]) -> (String, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("ALTPATCH_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "child with {env:?} failed:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// A writer that refuses every page with `reason`, as a W^X policy would.
+pub struct RefusingWriter(pub &'static str);
+
+impl TextWriter for RefusingWriter {
+    fn name(&self) -> &'static str {
+        "refusing"
+    }
+    fn prepare(&mut self, _pages: std::ops::Range<usize>) -> Result<(), String> {
+        Err(self.0.into())
+    }
+    fn write(&mut self, _addr: usize, _bytes: &[u8]) -> Result<(), String> {
+        unreachable!("never prepared")
+    }
+    fn finish(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
