@@ -2,7 +2,7 @@
 //!
 //! Users depend on the `altpatch` facade crate, which owns the documentation; this crate holds the
 //! machinery it re-exports. The flow, one module a stage: [`record`] → [`cpu`] → [`select`] (with
-//! [`overrides`]) → [`plan`] → [`write`] → [`report`], driven by [`apply`].
+//! [`overrides`]) → [`plan`] → [`write`](mod@write) → [`report`], driven by [`apply`].
 
 pub mod apply;
 pub mod arch;

@@ -193,8 +193,8 @@ unsafe extern "C" {
 
 /// Every site record linked into the program, in link order.
 ///
-/// Records whose version or kind this crate does not understand are left out here and listed by
-/// [`foreign_records`]; they are never patched.
+/// This includes records of a version or kind this crate does not understand ([`is_understood`]):
+/// apply reports them and never patches them.
 pub fn records() -> &'static [SiteRecord] {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
