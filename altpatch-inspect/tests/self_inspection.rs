@@ -37,7 +37,7 @@ fn lists_the_same_sites_as_the_runtime_report() {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, r.candidates, "{s:#}");
+        assert_eq!(names, *r.candidates, "{s:#}");
         assert_eq!(s["status"], "ok", "{s:#}");
     }
 }

@@ -1,6 +1,8 @@
 //! Apply: record → detection → selection → plan → write → report, for every site in the program.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -145,48 +147,65 @@ impl Patcher {
         let mut writes = Vec::new();
         let mut written_sites = Vec::new();
         let memory = crate::os::memory_map();
-        // Inlined copies share their descriptor, so they share its selection and its reason.
-        let mut selected: HashMap<*const SiteDescriptor, (Selection, String)> = HashMap::new();
+        let disabled_why: Option<Arc<str>> = report.disabled.as_deref().map(Arc::from);
+        // Inlined copies share their descriptor, so they share its selection, its reason and its
+        // candidate list: one allocation per descriptor, none per copy.
+        let mut selected: AddressMap<Selected> = AddressMap::default();
+        let mut unknown_candidates: Option<Arc<[&'static str]>> = None;
+        let mut scratch = Scratch::default();
         for rec in records {
-            let mut site = site_report(rec);
-            if let Some(why) = &report.disabled {
-                site.why = why.clone();
-            } else {
-                let select = |desc: &SiteDescriptor| {
-                    let (selection, _) = selected.entry(desc).or_insert_with(|| {
-                        let selection = select::select(desc, &report.cpu, &overrides);
-                        let why = why_selected(desc, &selection);
-                        (selection, why)
-                    });
-                    selection.clone()
+            if !record::is_understood(rec) {
+                let none = unknown_candidates.get_or_insert_with(|| [].into());
+                let why = not_understood(rec).into();
+                report.sites.push(site_report(rec, none, &why));
+                continue;
+            }
+            let desc = rec.descriptor();
+            let entry = selected.entry(address(desc)).or_insert_with(|| {
+                // Disabled: no predicate runs (a `when` function may not expect to).
+                let selection = match disabled_why {
+                    Some(_) => Selection {
+                        index: 0,
+                        reason: Reason::Off,
+                    },
+                    None => select::select(desc, &report.cpu, &overrides),
                 };
-                match plan_record(rec, &memory, select) {
-                    Ok((selection, write)) => {
-                        let name = rec.descriptor().candidates[selection.index].name;
-                        site.chosen = name;
-                        site.why = selected[&(rec.descriptor() as *const SiteDescriptor)]
-                            .1
-                            .clone();
-                        // The default running is "unpatched", whether as built or restored.
-                        site.how = if selection.index == 0 {
-                            How::Unpatched
-                        } else {
-                            How::of(write.plan.shape)
-                        };
-                        if write.plan.bytes == write.old {
-                            if site.how != How::Unpatched {
-                                site.why = format!("{} (already in place)", site.why);
-                            }
-                        } else {
-                            if site.how == How::Unpatched {
-                                site.why = format!("{} (default restored)", site.why);
-                            }
-                            written_sites.push(report.sites.len());
-                            writes.push(write);
+                Selected {
+                    why: why_selected(desc, &selection).into(),
+                    selection,
+                    candidates: desc.candidate_names().collect(),
+                    already_in_place: None,
+                    restored: None,
+                }
+            });
+            let mut site = site_report(rec, &entry.candidates, &entry.why);
+            if let Some(why) = &disabled_why {
+                site.why = why.clone();
+                report.sites.push(site);
+                continue;
+            }
+            match plan_record(rec, &memory, &mut scratch, |_| entry.selection.clone()) {
+                Ok((selection, write)) => {
+                    site.chosen = desc.candidates[selection.index].name;
+                    // The default running is "unpatched", whether as built or restored.
+                    site.how = if selection.index == 0 {
+                        How::Unpatched
+                    } else {
+                        How::of(write.plan.shape)
+                    };
+                    if write.plan.bytes == write.old {
+                        if site.how != How::Unpatched {
+                            site.why = entry.already_in_place().clone();
+                        }
+                    } else {
+                        written_sites.push(report.sites.len());
+                        writes.push(write);
+                        if site.how == How::Unpatched {
+                            site.why = entry.restored().clone();
                         }
                     }
-                    Err(why) => site.why = why,
                 }
+                Err(why) => site.why = why.into(),
             }
             report.sites.push(site);
         }
@@ -200,7 +219,7 @@ impl Patcher {
                 match result {
                     Ok(()) => site.written = true,
                     Err(e) => {
-                        site.why = format!("not written: {e}; runs what it ran before");
+                        site.why = format!("not written: {e}; runs what it ran before").into();
                         site.how = How::Unpatched;
                     }
                 }
@@ -229,12 +248,12 @@ fn default_writer() -> Box<dyn TextWriter> {
 /// Every site's name and candidate names, for checking `ALTPATCH` choices: one entry per
 /// descriptor, however many inlined copies share it.
 fn choice_table(records: &[SiteRecord]) -> Vec<(&'static str, Vec<&'static str>)> {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen: AddressMap<()> = AddressMap::default();
     records
         .iter()
         // Static branches follow their key, never an `ALTPATCH` choice.
         .filter(|r| record::is_understood(r) && r.descriptor().key.is_none())
-        .filter(|r| seen.insert(r.descriptor() as *const SiteDescriptor))
+        .filter(|r| seen.insert(address(r.descriptor()), ()).is_none())
         .map(|r| {
             (
                 r.descriptor().name,
@@ -261,9 +280,8 @@ fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Opti
         .then(|| format!("{}=off", crate::overrides::ENV_VAR))
 }
 
-fn site_report(rec: &SiteRecord) -> SiteReport {
-    let understood = record::is_understood(rec);
-    let desc = understood.then(|| rec.descriptor());
+fn site_report(rec: &SiteRecord, candidates: &Arc<[&'static str]>, why: &Arc<str>) -> SiteReport {
+    let desc = record::is_understood(rec).then(|| rec.descriptor());
     SiteReport {
         name: desc.map_or("?", |d| d.name),
         file: desc.map_or("?", |d| d.file),
@@ -271,29 +289,97 @@ fn site_report(rec: &SiteRecord) -> SiteReport {
         addr: rec.site_addr(),
         len: usize::from(rec.len),
         kind: rec.kind(),
-        candidates: desc
-            .map(|d| d.candidate_names().collect())
-            .unwrap_or_default(),
+        candidates: candidates.clone(),
         chosen: "default",
         how: How::Unpatched,
         written: false,
-        why: String::new(),
+        why: why.clone(),
     }
+}
+
+/// What one apply decided for a descriptor, shared by the reports of all its inlined copies.
+struct Selected {
+    selection: Selection,
+    why: Arc<str>,
+    candidates: Arc<[&'static str]>,
+    already_in_place: Option<Arc<str>>,
+    restored: Option<Arc<str>>,
+}
+
+impl Selected {
+    fn already_in_place(&mut self) -> &Arc<str> {
+        let why = &self.why;
+        self.already_in_place
+            .get_or_insert_with(|| format!("{why} (already in place)").into())
+    }
+
+    fn restored(&mut self) -> &Arc<str> {
+        let why = &self.why;
+        self.restored
+            .get_or_insert_with(|| format!("{why} (default restored)").into())
+    }
+}
+
+/// A map keyed by the address of a static (a descriptor, a key). Such addresses are unique and
+/// well spread: a multiply hashes them (SipHash, the std default, cost more than the rest of a
+/// site's bookkeeping).
+type AddressMap<V> = HashMap<usize, V, BuildHasherDefault<AddressHasher>>;
+
+fn address<T>(item: &T) -> usize {
+    item as *const T as usize
+}
+
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        // Fold the high bits down: hashbrown indexes buckets with the low bits, which a product
+        // of 8-aligned addresses leaves zero.
+        self.0 ^ (self.0 >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits hashbrown uses get every input bit's influence.
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+fn not_understood(rec: &SiteRecord) -> String {
+    format!(
+        "record not understood (version {}, kind {:?}, {} entries); left as built",
+        rec.version,
+        rec.kind(),
+        rec.count
+    )
+}
+
+/// Buffers [`plan_record`] reuses from one site to the next.
+#[derive(Default)]
+struct Scratch {
+    blocks: Vec<Block<'static>>,
+    names: Vec<&'static str>,
 }
 
 /// Selects and plans one record, or says why it is left alone.
 fn plan_record(
     rec: &SiteRecord,
     memory: &crate::os::MemoryMap,
+    scratch: &mut Scratch,
     select: impl FnOnce(&SiteDescriptor) -> Selection,
 ) -> Result<(Selection, SiteWrite), String> {
     if !record::is_understood(rec) {
-        return Err(format!(
-            "record not understood (version {}, kind {:?}, {} entries); left as built",
-            rec.version,
-            rec.kind(),
-            rec.count
-        ));
+        return Err(not_understood(rec));
     }
     let desc = rec.descriptor();
     if desc.candidates.len() != usize::from(rec.count) {
@@ -310,7 +396,10 @@ fn plan_record(
             "site {site:#x}+{len} is not in executable memory; left alone"
         ));
     }
-    let mut blocks = Vec::with_capacity(desc.candidates.len());
+    let Scratch { blocks, names } = scratch;
+    blocks.clear();
+    names.clear();
+    names.extend(desc.candidate_names());
     for i in 0..desc.candidates.len() {
         let (bytes, ip) = rec.replacement(i).ok_or("candidate table too short")?;
         if !memory.is_readable(ip, bytes.len()) {
@@ -328,8 +417,7 @@ fn plan_record(
     // only the patcher (whose lock we hold) writes it.
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
-    let names: Vec<&str> = desc.candidate_names().collect();
-    let plan = plan::plan_site(site as u64, current, &blocks, &names, selection.index)
+    let plan = plan::plan_site(site as u64, current, blocks, names, selection.index)
         .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
     Ok((
         selection,
@@ -364,16 +452,21 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
     let _guard = lock();
     store();
     let mut update = KeyUpdate::default();
-    let sites: Vec<&SiteRecord> = record::records()
-        .iter()
-        .filter(|r| record::is_understood(r))
-        .filter(|r| {
-            r.descriptor()
-                .key
-                .as_ref()
-                .is_some_and(|k| core::ptr::eq(k.key, key))
-        })
-        .collect();
+    // The program's records do not change: group the branch sites by key once.
+    static KEY_SITES: OnceLock<AddressMap<Vec<&'static SiteRecord>>> = OnceLock::new();
+    let by_key = KEY_SITES.get_or_init(|| {
+        let mut by_key: AddressMap<Vec<&'static SiteRecord>> = AddressMap::default();
+        for rec in record::records()
+            .iter()
+            .filter(|r| record::is_understood(r))
+        {
+            if let Some(site) = &rec.descriptor().key {
+                by_key.entry(address(site.key)).or_default().push(rec);
+            }
+        }
+        by_key
+    });
+    let sites: &[&SiteRecord] = by_key.get(&address(key)).map_or(&[], Vec::as_slice);
     update.sites = sites.len();
     if let Some(why) = key_patching_disabled() {
         update.unpatched = Some(why.clone());
@@ -383,7 +476,8 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
     static MEMORY: OnceLock<crate::os::MemoryMap> = OnceLock::new();
     let memory = MEMORY.get_or_init(crate::os::memory_map);
     let mut writes = Vec::with_capacity(sites.len());
-    for rec in sites {
+    let mut scratch = Scratch::default();
+    for rec in sites.iter().copied() {
         let wanted = |desc: &SiteDescriptor| {
             let site = desc.key.as_ref().expect("filtered on key sites");
             Selection {
@@ -391,7 +485,7 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
                 reason: Reason::Key(site.key.is_enabled()),
             }
         };
-        match plan_record(rec, memory, wanted) {
+        match plan_record(rec, memory, &mut scratch, wanted) {
             Ok((_, write)) if write.plan.bytes != write.old => writes.push(write),
             Ok(_) => {}
             Err(why) => update.unpatched = Some(why),

@@ -183,7 +183,8 @@ pub fn decode(block: Block<'_>) -> Result<Vec<Instruction>, String> {
 
 /// A lone `call rel32` or `jmp rel32` moved to `new_ip` (the `jmp` in its short form when it
 /// reaches), without a block encoder: the common blocks of call sites, trampolines and branches.
-fn relocate_lone_branch(block: Block<'_>, new_ip: u64) -> Option<Vec<u8>> {
+/// Returns the bytes in a 5-byte buffer and their length.
+fn relocate_lone_branch(block: Block<'_>, new_ip: u64) -> Option<([u8; 5], usize)> {
     let [op @ (0xe8 | 0xe9), rel @ ..] = block.bytes else {
         return None;
     };
@@ -191,31 +192,52 @@ fn relocate_lone_branch(block: Block<'_>, new_ip: u64) -> Option<Vec<u8>> {
     let target = block.ip.wrapping_add(5).wrapping_add_signed(i64::from(rel));
     let short = i8::try_from(target.wrapping_sub(new_ip.wrapping_add(2)) as i64);
     if let (0xe9, Ok(short)) = (*op, short) {
-        return Some(vec![JMP_REL8, short as u8]);
+        return Some(([JMP_REL8, short as u8, 0, 0, 0], 2));
     }
     let rel = i32::try_from(target.wrapping_sub(new_ip.wrapping_add(5)) as i64).ok()?;
-    let mut out = vec![*op];
-    out.extend_from_slice(&rel.to_le_bytes());
-    Some(out)
+    let [a, b, c, d] = rel.to_le_bytes();
+    Some(([*op, a, b, c, d], 5))
+}
+
+/// A block relocated to a site: most blocks need no heap (empty, a lone branch, or nothing
+/// relative), so planning a site usually allocates only the bytes it will write.
+enum Relocated<'a> {
+    /// The block's own bytes: nothing relative in them.
+    Same(&'a [u8]),
+    /// A lone branch, re-encoded.
+    Branch([u8; 5], usize),
+    /// Re-encoded by the block encoder.
+    Encoded(Vec<u8>),
+}
+
+impl Relocated<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Relocated::Same(bytes) => bytes,
+            Relocated::Branch(buf, len) => &buf[..*len],
+            Relocated::Encoded(bytes) => bytes,
+        }
+    }
 }
 
 /// Re-encodes `block` at `new_ip`, relocating relative branches, calls and RIP-relative operands.
 pub fn relocate(block: Block<'_>, new_ip: u64) -> Result<Vec<u8>, String> {
-    if let Some(bytes) = relocate_lone_branch(block, new_ip) {
-        return Ok(bytes);
+    relocated(block, new_ip).map(|r| r.bytes().to_vec())
+}
+
+fn relocated(block: Block<'_>, new_ip: u64) -> Result<Relocated<'_>, String> {
+    if let Some((buf, len)) = relocate_lone_branch(block, new_ip) {
+        return Ok(Relocated::Branch(buf, len));
     }
     let mut instrs = decode(block)?;
-    if instrs.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Nothing relative: the bytes mean the same anywhere.
+    // Nothing relative (or nothing at all): the bytes mean the same anywhere.
     if instrs
         .iter()
         .all(|i| !is_near_branch(i) && !i.is_ip_rel_memory_operand())
     {
-        return Ok(block.bytes.to_vec());
+        return Ok(Relocated::Same(block.bytes));
     }
-    encode_at(block, &mut instrs, new_ip)
+    encode_at(block, &mut instrs, new_ip).map(Relocated::Encoded)
 }
 
 /// The general relocation: iced-x86's `BlockEncoder` over the decoded block.
@@ -354,38 +376,50 @@ pub fn plan_site(
     let undecodable = |block: String, detail: String| Refusal::Undecodable { block, detail };
 
     // The chosen block first (it is also what an already-patched site holds), then the others
-    // until the site's current bytes are recognised: byte for byte where they can be, else by
-    // decoding (the assembler and the encoder may pick different encodings of one instruction).
+    // until the site's current bytes are recognised: byte for byte first (the common case: what
+    // the assembler or this planner wrote), then by decoding (the assembler and the encoder may
+    // pick different encodings of one instruction, or other NOP forms).
     let order = core::iter::once(chosen).chain((0..candidates.len()).filter(|&i| i != chosen));
-    let mut recognised = false;
-    let mut new_body = None;
-    for i in order {
+    let relocate_at_site = |i: usize| {
         let block = candidates
             .get(i)
             .ok_or_else(|| undecodable(name(i), "no such candidate".into()))?;
-        let relocated = relocate(*block, site_ip).map_err(|d| undecodable(name(i), d))?;
-        if relocated.len() > current.len() {
+        let relocated = relocated(*block, site_ip).map_err(|d| undecodable(name(i), d))?;
+        let len = relocated.bytes().len();
+        if len > current.len() {
             return Err(Refusal::TooLong {
                 block: name(i),
-                len: relocated.len(),
+                len,
                 site_len: current.len(),
             });
         }
-        recognised = recognised
-            || (current.starts_with(&relocated) && is_filler(&current[relocated.len()..]))
-            || {
-                let instrs = decode(Block {
-                    bytes: &relocated,
-                    ip: site_ip,
-                })
-                .map_err(|d| undecodable(name(i), d))?;
-                matches_block(site, &instrs).is_some()
-            };
+        Ok(relocated)
+    };
+    let mut bytes = Vec::with_capacity(current.len());
+    let mut recognised = false;
+    for i in order.clone() {
+        let relocated = relocate_at_site(i)?;
+        let body = relocated.bytes();
         if i == chosen {
-            new_body = Some(relocated);
+            bytes.extend_from_slice(body);
         }
-        if recognised {
+        if current.starts_with(body) && is_known_filler(&current[body.len()..]) {
+            recognised = true;
             break;
+        }
+    }
+    if !recognised {
+        for i in order {
+            let relocated = relocate_at_site(i)?;
+            let instrs = decode(Block {
+                bytes: relocated.bytes(),
+                ip: site_ip,
+            })
+            .map_err(|d| undecodable(name(i), d))?;
+            if matches_block(site, &instrs).is_some() {
+                recognised = true;
+                break;
+            }
         }
     }
     if !recognised {
@@ -393,43 +427,65 @@ pub fn plan_site(
             found: current.to_vec(),
         });
     }
-    let mut bytes =
-        new_body.ok_or_else(|| undecodable(name(chosen), "no such candidate".into()))?;
     let body_len = bytes.len();
-    let simple = simple_shape(&bytes, site_ip);
     fill_nops(&mut bytes, current.len() - body_len);
-    if bytes == current {
-        // Already in place: nothing will be written.
-        if let Some(shape) = simple {
-            return Ok(Plan {
+    let shape = match simple_shape(&bytes[..body_len], site_ip) {
+        Some(shape) if bytes == current => shape, // already in place: nothing will be written
+        // Decode what will be written, once more: it must be the intended instructions and
+        // filler. One instruction (or none) needs no instruction list.
+        Some(shape) if redecodes_as(&bytes, site_ip, shape, body_len) => shape,
+        Some(_) => return Err(mismatch()),
+        None => {
+            let instrs = decode(Block {
+                bytes: &bytes[..body_len],
                 ip: site_ip,
-                shape,
-                bytes,
-            });
+            })
+            .map_err(|d| undecodable(name(chosen), d))?;
+            let written = Block {
+                bytes: &bytes,
+                ip: site_ip,
+            };
+            if matches_block(written, &instrs) != Some(body_len) {
+                return Err(mismatch());
+            }
+            shape_of(&instrs, body_len)
         }
-    }
-
-    // Decode what will be written, once more: it must be the intended instructions and filler.
-    let instrs = decode(Block {
-        bytes: &bytes[..body_len],
-        ip: site_ip,
-    })
-    .map_err(|d| undecodable(name(chosen), d))?;
-    let written = Block {
-        bytes: &bytes,
-        ip: site_ip,
     };
-    if matches_block(written, &instrs) != Some(body_len) {
-        return Err(undecodable(
-            "result".into(),
-            "re-decoding the new bytes gave other instructions".into(),
-        ));
-    }
     Ok(Plan {
         ip: site_ip,
-        shape: shape_of(&instrs, body_len),
+        shape,
         bytes,
     })
+}
+
+fn mismatch() -> Refusal {
+    Refusal::Undecodable {
+        block: "result".into(),
+        detail: "re-decoding the new bytes gave other instructions".into(),
+    }
+}
+
+/// Whether `bytes` (at `ip`) decode as `shape`'s single branch of `body_len` bytes, or nothing,
+/// followed by filler only.
+fn redecodes_as(bytes: &[u8], ip: u64, shape: Shape, body_len: usize) -> bool {
+    let body_ok = match shape {
+        Shape::Nop => body_len == 0,
+        Shape::Call { target } | Shape::Jump { target } => {
+            let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+            let instr = decoder.decode();
+            let mnemonic = match shape {
+                Shape::Call { .. } => Mnemonic::Call,
+                _ => Mnemonic::Jmp,
+            };
+            !instr.is_invalid()
+                && instr.len() == body_len
+                && is_near_branch(&instr)
+                && instr.mnemonic() == mnemonic
+                && instr.near_branch_target() == target
+        }
+        Shape::Inline { .. } => false,
+    };
+    body_ok && is_filler(&bytes[body_len..])
 }
 
 /// The shape of a block that is empty or one `call`/`jmp` encoded at `ip`, read off its bytes.
@@ -650,10 +706,10 @@ mod tests {
                 bytes: &bytes,
                 ip: REPL,
             };
-            let fast = relocate_lone_branch(block, new_ip).unwrap();
+            let (fast, len) = relocate_lone_branch(block, new_ip).unwrap();
             let mut instrs = decode(block).unwrap();
             let slow = encode_at(block, &mut instrs, new_ip).unwrap();
-            assert_eq!(fast, slow, "op {op:#x} to {target:#x}");
+            assert_eq!(fast[..len], slow, "op {op:#x} to {target:#x}");
         }
     }
 

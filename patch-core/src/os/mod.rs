@@ -4,21 +4,31 @@
 pub mod linux;
 
 use std::ops::Range;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// The process's mappings with their permissions, read once per apply, so a record that points
 /// outside mapped code is refused instead of read.
 pub struct MemoryMap {
     /// (range, readable, executable), sorted by address.
     regions: Vec<(Range<usize>, bool, bool)>,
+    /// The region the last lookup found: sites come in link order, so most lookups hit it.
+    last: AtomicUsize,
 }
 
 impl MemoryMap {
     fn find(&self, addr: usize, len: usize) -> Option<&(Range<usize>, bool, bool)> {
         let end = addr.checked_add(len)?;
+        let covers = |(r, _, _): &&(Range<usize>, bool, bool)| r.start <= addr && end <= r.end;
+        if let Some(hit) = self.regions.get(self.last.load(Relaxed)).filter(covers) {
+            return Some(hit);
+        }
         let i = self.regions.partition_point(|(r, _, _)| r.end <= addr);
-        self.regions
-            .get(i)
-            .filter(|(r, _, _)| r.start <= addr && end <= r.end)
+        let found = self.regions.get(i).filter(covers);
+        if found.is_some() {
+            self.last.store(i, Relaxed);
+        }
+        found
     }
 
     /// Whether `addr..addr + len` lies in one readable mapping.
@@ -37,7 +47,10 @@ pub fn memory_map() -> MemoryMap {
     let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let mut regions: Vec<_> = text.lines().filter_map(parse_maps_line).collect();
     regions.sort_by_key(|(r, _, _)| r.start);
-    MemoryMap { regions }
+    MemoryMap {
+        regions,
+        last: AtomicUsize::new(0),
+    }
 }
 
 /// `start-end perms ...` → (start..end, readable, executable).
