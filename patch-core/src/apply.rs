@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use crate::cpu::Cpu;
 use crate::overrides::{OverrideError, Overrides};
-use crate::plan::{self, Block};
+use crate::plan::{self, Block, Shape};
 use crate::record::{self, SiteDescriptor, SiteRecord};
 use crate::report::{How, Report, SiteReport};
 use crate::select::{self, Reason, Selection};
 use crate::static_key::{KeyUpdate, StaticKey};
-use crate::write::{SiteWrite, TextWriter};
+use crate::write::{SiteBytes, SiteWrite, TextWriter};
 
 /// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs.
 pub const LOG_ENV_VAR: &str = "ALTPATCH_LOG";
@@ -185,24 +185,22 @@ impl Patcher {
                 continue;
             }
             match plan_record(rec, &memory, &mut scratch, |_| entry.selection.clone()) {
-                Ok((selection, write)) => {
+                Ok((selection, shape, write)) => {
                     site.chosen = desc.candidates[selection.index].name;
                     // The default running is "unpatched", whether as built or restored.
                     site.how = if selection.index == 0 {
                         How::Unpatched
                     } else {
-                        How::of(write.plan.shape)
+                        How::of(shape)
                     };
-                    if write.plan.bytes == write.old {
-                        if site.how != How::Unpatched {
-                            site.why = entry.already_in_place().clone();
-                        }
-                    } else {
+                    if let Some(write) = write {
                         written_sites.push(report.sites.len());
                         writes.push(write);
                         if site.how == How::Unpatched {
                             site.why = entry.restored().clone();
                         }
+                    } else if site.how != How::Unpatched {
+                        site.why = entry.already_in_place().clone();
                     }
                 }
                 Err(why) => site.why = why.into(),
@@ -369,6 +367,7 @@ fn not_understood(rec: &SiteRecord) -> String {
 struct Scratch {
     blocks: Vec<Block<'static>>,
     names: Vec<&'static str>,
+    bytes: Vec<u8>,
 }
 
 /// Selects and plans one record, or says why it is left alone.
@@ -377,7 +376,7 @@ fn plan_record(
     memory: &crate::os::MemoryMap,
     scratch: &mut Scratch,
     select: impl FnOnce(&SiteDescriptor) -> Selection,
-) -> Result<(Selection, SiteWrite), String> {
+) -> Result<(Selection, Shape, Option<SiteWrite>), String> {
     if !record::is_understood(rec) {
         return Err(not_understood(rec));
     }
@@ -396,7 +395,11 @@ fn plan_record(
             "site {site:#x}+{len} is not in executable memory; left alone"
         ));
     }
-    let Scratch { blocks, names } = scratch;
+    let Scratch {
+        blocks,
+        names,
+        bytes,
+    } = scratch;
     blocks.clear();
     names.clear();
     names.extend(desc.candidate_names());
@@ -417,15 +420,16 @@ fn plan_record(
     // only the patcher (whose lock we hold) writes it.
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
-    let plan = plan::plan_site(site as u64, current, blocks, names, selection.index)
+    let shape = plan::plan_site_into(site as u64, current, blocks, names, selection.index, bytes)
         .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
-    Ok((
-        selection,
-        SiteWrite {
-            plan,
-            old: current.to_vec(),
-        },
-    ))
+    // Only a site that changes gets its own copies of the old and new bytes.
+    let write = (bytes[..] != *current).then(|| SiteWrite {
+        ip: site as u64,
+        new: SiteBytes::from_slice(bytes),
+        shape,
+        old: SiteBytes::from_slice(current),
+    });
+    Ok((selection, shape, write))
 }
 
 fn why_selected(desc: &SiteDescriptor, selection: &Selection) -> String {
@@ -486,7 +490,7 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
             }
         };
         match plan_record(rec, memory, &mut scratch, wanted) {
-            Ok((_, write)) if write.plan.bytes != write.old => writes.push(write),
+            Ok((_, _, Some(write))) => writes.push(write),
             Ok(_) => {}
             Err(why) => update.unpatched = Some(why),
         }

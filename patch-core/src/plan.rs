@@ -368,6 +368,26 @@ pub fn plan_site(
     names: &[&str],
     chosen: usize,
 ) -> Result<Plan, Refusal> {
+    let mut bytes = Vec::with_capacity(current.len());
+    let shape = plan_site_into(site_ip, current, candidates, names, chosen, &mut bytes)?;
+    Ok(Plan {
+        ip: site_ip,
+        shape,
+        bytes,
+    })
+}
+
+/// [`plan_site`] into a buffer the caller reuses from site to site: `bytes` is replaced by the
+/// new bytes, and the shape is returned. A site found already in place then costs no allocation.
+pub fn plan_site_into(
+    site_ip: u64,
+    current: &[u8],
+    candidates: &[Block<'_>],
+    names: &[&str],
+    chosen: usize,
+    bytes: &mut Vec<u8>,
+) -> Result<Shape, Refusal> {
+    bytes.clear();
     let site = Block {
         bytes: current,
         ip: site_ip,
@@ -395,7 +415,6 @@ pub fn plan_site(
         }
         Ok(relocated)
     };
-    let mut bytes = Vec::with_capacity(current.len());
     let mut recognised = false;
     for i in order.clone() {
         let relocated = relocate_at_site(i)?;
@@ -428,12 +447,12 @@ pub fn plan_site(
         });
     }
     let body_len = bytes.len();
-    fill_nops(&mut bytes, current.len() - body_len);
+    fill_nops(bytes, current.len() - body_len);
     let shape = match simple_shape(&bytes[..body_len], site_ip) {
-        Some(shape) if bytes == current => shape, // already in place: nothing will be written
+        Some(shape) if bytes[..] == *current => shape, // already in place: nothing will be written
         // Decode what will be written, once more: it must be the intended instructions and
         // filler. One instruction (or none) needs no instruction list.
-        Some(shape) if redecodes_as(&bytes, site_ip, shape, body_len) => shape,
+        Some(shape) if redecodes_as(bytes, site_ip, shape, body_len) => shape,
         Some(_) => return Err(mismatch()),
         None => {
             let instrs = decode(Block {
@@ -441,21 +460,14 @@ pub fn plan_site(
                 ip: site_ip,
             })
             .map_err(|d| undecodable(name(chosen), d))?;
-            let written = Block {
-                bytes: &bytes,
-                ip: site_ip,
-            };
+            let written = Block { bytes, ip: site_ip };
             if matches_block(written, &instrs) != Some(body_len) {
                 return Err(mismatch());
             }
             shape_of(&instrs, body_len)
         }
     };
-    Ok(Plan {
-        ip: site_ip,
-        shape,
-        bytes,
-    })
+    Ok(shape)
 }
 
 fn mismatch() -> Refusal {

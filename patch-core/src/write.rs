@@ -16,6 +16,8 @@
 
 use std::ops::Range;
 
+use smallvec::SmallVec;
+
 use crate::plan::{Plan, Shape};
 
 /// A way to write the program's text: page-protection flipping, `/proc/self/mem`, or a test double.
@@ -41,13 +43,33 @@ pub struct ActiveSite {
     pub shape: Shape,
 }
 
-/// One site to write: the plan and the bytes it replaces.
+/// A site's bytes: inline up to 16 (almost every site), so a batch of thousands of sites does
+/// not make two heap allocations per site.
+pub type SiteBytes = SmallVec<[u8; 16]>;
+
+/// One site to write: its new bytes and the bytes they replace.
 #[derive(Clone, Debug)]
 pub struct SiteWrite {
-    /// New bytes.
-    pub plan: Plan,
+    /// Site address.
+    pub ip: u64,
+    /// New bytes, as planned.
+    pub new: SiteBytes,
+    /// What the new bytes do, for the trap handler.
+    pub shape: Shape,
     /// The bytes there now (restored if the batch fails half-way through a site).
-    pub old: Vec<u8>,
+    pub old: SiteBytes,
+}
+
+impl SiteWrite {
+    /// Writes `plan` over `old`, the bytes at its site now.
+    pub fn new(plan: &Plan, old: &[u8]) -> SiteWrite {
+        SiteWrite {
+            ip: plan.ip,
+            new: SiteBytes::from_slice(&plan.bytes),
+            shape: plan.shape,
+            old: SiteBytes::from_slice(old),
+        }
+    }
 }
 
 /// What a batch did, for the report.
@@ -129,12 +151,12 @@ impl<A: TextWriter, B: TextWriter> TextWriter for FallbackWriter<A, B> {
 /// the sites inside it.
 fn page_ranges(sites: &[SiteWrite], page: usize) -> Vec<(Range<usize>, Vec<usize>)> {
     let mut order: Vec<usize> = (0..sites.len()).collect();
-    order.sort_by_key(|&i| sites[i].plan.ip);
+    order.sort_by_key(|&i| sites[i].ip);
     let mut out: Vec<(Range<usize>, Vec<usize>)> = Vec::new();
     for i in order {
-        let ip = sites[i].plan.ip as usize;
+        let ip = sites[i].ip as usize;
         let start = ip & !(page - 1);
-        let end = (ip + sites[i].plan.bytes.len()).next_multiple_of(page);
+        let end = (ip + sites[i].new.len()).next_multiple_of(page);
         match out.last_mut() {
             Some((range, members)) if start <= range.end => {
                 range.end = range.end.max(end);
@@ -181,19 +203,19 @@ pub fn write_batch(
 
     if !stats.live {
         for &i in &pending {
-            let plan = &sites[i].plan;
-            results[i] = writer.write(plan.ip as usize, &plan.bytes);
+            let site = &sites[i];
+            results[i] = writer.write(site.ip as usize, &site.new);
         }
         serialize_local();
     } else if !pending.is_empty() {
         let _signals = os::SignalsBlocked::block();
-        os::remember_patched(pending.iter().map(|&i| sites[i].plan.ip as usize));
+        os::remember_patched(pending.iter().map(|&i| sites[i].ip as usize));
         let mut active: Vec<ActiveSite> = pending
             .iter()
             .map(|&i| ActiveSite {
-                addr: sites[i].plan.ip as usize,
-                len: sites[i].plan.bytes.len(),
-                shape: sites[i].plan.shape,
+                addr: sites[i].ip as usize,
+                len: sites[i].new.len(),
+                shape: sites[i].shape,
             })
             .collect();
         active.sort_by_key(|s| s.addr);
@@ -209,17 +231,17 @@ pub fn write_batch(
 
         // Step 1: int3 over byte 0. A failure leaves that site untouched.
         for &i in &pending {
-            results[i] = writer.write(sites[i].plan.ip as usize, &[INT3]);
+            results[i] = writer.write(sites[i].ip as usize, &[INT3]);
         }
         sync(&mut stats);
         // Step 2: the rest of each site. On failure, put the old bytes back behind the int3.
         for &i in &pending {
-            let (plan, old) = (&sites[i].plan, &sites[i].old);
-            if results[i].is_err() || plan.bytes.len() < 2 {
+            let site = &sites[i];
+            if results[i].is_err() || site.new.len() < 2 {
                 continue;
             }
-            if let Err(e) = writer.write(plan.ip as usize + 1, &plan.bytes[1..]) {
-                let restored = writer.write(plan.ip as usize + 1, &old[1..]);
+            if let Err(e) = writer.write(site.ip as usize + 1, &site.new[1..]) {
+                let restored = writer.write(site.ip as usize + 1, &site.old[1..]);
                 results[i] = Err(match restored {
                     Ok(()) => e,
                     Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
@@ -229,13 +251,13 @@ pub fn write_batch(
         sync(&mut stats);
         // Step 3: the new first byte (or the old one where step 2 failed).
         for &i in &pending {
-            let (plan, old) = (&sites[i].plan, &sites[i].old);
+            let site = &sites[i];
             let first = if results[i].is_ok() {
-                plan.bytes[0]
+                site.new[0]
             } else {
-                old[0]
+                site.old[0]
             };
-            if let Err(e) = writer.write(plan.ip as usize, &[first]) {
+            if let Err(e) = writer.write(site.ip as usize, &[first]) {
                 results[i] = Err(e);
             }
         }
@@ -261,14 +283,11 @@ mod tests {
     use super::*;
 
     fn site(ip: u64, len: usize) -> SiteWrite {
-        let plan = Plan {
-            ip,
-            bytes: vec![0x90; len],
-            shape: Shape::Nop,
-        };
         SiteWrite {
-            plan,
-            old: vec![0x90; len],
+            ip,
+            new: SiteBytes::from_elem(0x90, len),
+            shape: Shape::Nop,
+            old: SiteBytes::from_elem(0x90, len),
         }
     }
 

@@ -37,7 +37,7 @@ fn a_scratch_function_is_rewritten_and_its_page_protection_restored() {
 
     let before = region::query(addr as *const u8).unwrap().protection();
     let (results, stats) = write_batch(
-        &[SiteWrite { plan, old: current }],
+        &[SiteWrite::new(&plan, &current)],
         &mut MprotectWriter::default(),
     );
     assert_eq!(results, vec![Ok(())]);

@@ -12,33 +12,42 @@ use std::sync::atomic::Ordering::Relaxed;
 pub struct MemoryMap {
     /// (range, readable, executable), sorted by address.
     regions: Vec<(Range<usize>, bool, bool)>,
-    /// The region the last lookup found: sites come in link order, so most lookups hit it.
-    last: AtomicUsize,
+    /// The regions the last lookups of code ([`is_executable`](Self::is_executable)) and of
+    /// data ([`is_readable`](Self::is_readable)) found: sites come in link order and their
+    /// replacement blocks sit together, so most lookups hit them.
+    last: [AtomicUsize; 2],
 }
 
 impl MemoryMap {
-    fn find(&self, addr: usize, len: usize) -> Option<&(Range<usize>, bool, bool)> {
+    fn find(
+        &self,
+        addr: usize,
+        len: usize,
+        hint: &AtomicUsize,
+    ) -> Option<&(Range<usize>, bool, bool)> {
         let end = addr.checked_add(len)?;
         let covers = |(r, _, _): &&(Range<usize>, bool, bool)| r.start <= addr && end <= r.end;
-        if let Some(hit) = self.regions.get(self.last.load(Relaxed)).filter(covers) {
+        if let Some(hit) = self.regions.get(hint.load(Relaxed)).filter(covers) {
             return Some(hit);
         }
         let i = self.regions.partition_point(|(r, _, _)| r.end <= addr);
         let found = self.regions.get(i).filter(covers);
         if found.is_some() {
-            self.last.store(i, Relaxed);
+            hint.store(i, Relaxed);
         }
         found
     }
 
     /// Whether `addr..addr + len` lies in one readable mapping.
     pub fn is_readable(&self, addr: usize, len: usize) -> bool {
-        self.find(addr, len).is_some_and(|&(_, r, _)| r)
+        self.find(addr, len, &self.last[1])
+            .is_some_and(|&(_, r, _)| r)
     }
 
     /// Whether `addr..addr + len` lies in one readable, executable mapping.
     pub fn is_executable(&self, addr: usize, len: usize) -> bool {
-        self.find(addr, len).is_some_and(|&(_, r, x)| r && x)
+        self.find(addr, len, &self.last[0])
+            .is_some_and(|&(_, r, x)| r && x)
     }
 }
 
@@ -49,7 +58,7 @@ pub fn memory_map() -> MemoryMap {
     regions.sort_by_key(|(r, _, _)| r.start);
     MemoryMap {
         regions,
-        last: AtomicUsize::new(0),
+        last: [AtomicUsize::new(0), AtomicUsize::new(0)],
     }
 }
 
