@@ -4,6 +4,7 @@
 //! lock ([`crate::pvlock`]): a futex on its state word, woken one waiter at a time.
 
 use crate::spinlock::{TICKET_INC, Tickets};
+#[cfg(not(loom))]
 use crate::sync::AtomicU32;
 
 /// The bitset that matches every waiter.

@@ -98,25 +98,31 @@ impl Word {
                 .is_ok()
     }
 
+    /// One `lock bts`: taken when `LOCKED` was clear, whatever the other bits (parked waiters
+    /// do not slow a running owner down).
     #[inline]
     fn lock(&self, spins: u32) {
-        if self
-            .state()
-            .compare_exchange_weak(0, LOCKED, Acquire, Relaxed)
-            .is_err()
-        {
-            self.lock_contended(spins);
+        let old = self.state().fetch_or(LOCKED, Acquire);
+        if old & (LOCKED | WANT) != 0 {
+            self.lock_contended(old, spins);
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn lock_contended(&self, spins: u32) {
-        for _ in 0..spins {
+    fn lock_contended(&self, old: u32, spins: u32) {
+        if old & LOCKED == 0 {
+            // We took a lock a waiter asked to be handed (`WANT`): pass it on, as the unlock
+            // would have, and queue up like any other locker.
+            // SAFETY: we hold the lock.
+            unsafe { unlock(self) };
+        }
+        let mut backoff = Backoff::new();
+        while backoff.spent < spins {
             if self.try_steal(self.state().load(Relaxed)) {
                 return;
             }
-            spin_loop();
+            backoff.pause();
         }
         // SAFETY: `self` is a live lock; the op returns with it held.
         unsafe { lock_slowpath(self, spins) }
@@ -137,14 +143,41 @@ impl Word {
     }
 }
 
-/// A lock with a one-CAS fast path whose contended lockers steal while they spin, then call the
+/// Exponential backoff between looks at a contended word: 1, 2, 4, ... up to [`MAX_BACKOFF`]
+/// pauses. Looking less often leaves the line with the owner, which re-takes the lock from its
+/// own cache instead of paying a transfer per acquisition to a spinner on another CPU.
+struct Backoff {
+    step: u32,
+    /// Pauses made so far.
+    spent: u32,
+}
+
+/// The longest run of pauses between two looks.
+const MAX_BACKOFF: u32 = 64;
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { step: 1, spent: 0 }
+    }
+
+    #[inline]
+    fn pause(&mut self) {
+        for _ in 0..self.step {
+            spin_loop();
+        }
+        self.spent += self.step;
+        self.step = (self.step * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A lock with a one-RMW fast path whose contended lockers steal while they spin, then call the
 /// `pv_lock` slow-path op; its unlock is a `pv_lock` site too.
 ///
 /// Use it through [`PvMutex`] (`lock_api::Mutex<RawPvLock, T>`).
 ///
 /// # Protocol
 ///
-/// Lock: `cmpxchg` 0 → `LOCKED`; no pv code. Contended: spin `SPINS` times with `pause`, taking
+/// Lock: `lock bts` of `LOCKED`, taken if it was clear; no pv code. Contended: spin `SPINS` times with `pause`, taking
 /// the lock whenever it is free and nobody set `WANT` (bounded stealing), then the slow-path op:
 ///
 /// | `pv_lock` | slow path (a `pv_lock` call site) | unlock (a `pv_lock` site) |
@@ -163,7 +196,7 @@ impl Word {
 ///
 /// | bits | name | set by | cleared by |
 /// |---|---|---|---|
-/// | 0 | `LOCKED` | a locker (`cmpxchg`) | the unlock, unless it hands over |
+/// | 0 | `LOCKED` | a locker (`lock bts`, or `cmpxchg` when stealing) | the unlock, unless it hands over |
 /// | 1 | `WAKING` | an unlock that wakes a sleeper | any parked waiter when it returns from the futex |
 /// | 2 | `HANDOFF` | an unlock that sees `WANT` (with `LOCKED` kept) | the `WANT` waiter, taking the lock |
 /// | 3 | `WANT` | one waiter past [`FAIR_TIMEOUT`] | that waiter, taking the lock |
@@ -248,9 +281,10 @@ impl<const SPINS: u32> Default for RawPvLock<SPINS> {
     }
 }
 
-// SAFETY: `LOCKED` is set only by a `cmpxchg` (Acquire) from a word without it, or kept by an
-// unlock that hands over to the one `WANT` waiter, which claims it by a `cmpxchg` (Acquire) of the
-// word the unlock released; so one owner at a time, each acquiring what the last released.
+// SAFETY: a locker owns the lock only when its `lock bts` or `cmpxchg` (Acquire) set `LOCKED` in a
+// word without it, or when an unlock kept it set to hand over to the one `WANT` waiter, which
+// claims it by a `cmpxchg` (Acquire) of the word the unlock released; so one owner at a time,
+// each acquiring what the last released.
 #[cfg(not(loom))]
 unsafe impl<const SPINS: u32> lock_api::RawMutex for RawPvLock<SPINS> {
     #[allow(clippy::declare_interior_mutable_const)]
@@ -550,10 +584,7 @@ unsafe fn futex_lock_slowpath(word: *const Word, spins: u32) {
 unsafe fn futex_unlock(word: *const Word) {
     // SAFETY: we hold the lock, so it is live up to and including the `cmpxchg` that releases it.
     let state = unsafe { &*word }.state();
-    let mut s = match state.compare_exchange(LOCKED, 0, Release, Relaxed) {
-        Ok(_) => return,
-        Err(now) => now,
-    };
+    let mut s = state.load(Relaxed);
     let wake = loop {
         let wake = s >= PARKED_ONE && s & WAKING == 0;
         let mut new = if s & WANT != 0 {
@@ -622,9 +653,14 @@ pub(crate) unsafe fn lock_slowpath(word: *const Word, spins: u32) {
 #[cfg(loom)]
 pub(crate) unsafe fn unlock(word: *const Word) {
     match pv::model::variant() {
-        // `mov dword ptr [rdi], 0`.
-        // SAFETY: the caller holds the lock.
-        PvLock::Native | PvLock::SchedYield => unsafe { &*word }.state().store(0, Release),
+        // `mov dword ptr [rdi], 0`, modelled as a release `swap`: the same value in the one
+        // coherence order. (A plain `store` racing with a waiter's `lock bts` that rewrites the
+        // held value leaves loom 0.7's spinning waiter reading that stale value forever, though
+        // it has yielded: a model artefact, not an x86 outcome.)
+        PvLock::Native | PvLock::SchedYield => {
+            // SAFETY: the caller holds the lock.
+            unsafe { &*word }.state().swap(0, Release);
+        }
         // SAFETY: forwarded from the caller.
         PvLock::Futex | PvLock::Default => unsafe { futex_unlock(word) },
     }
