@@ -9,7 +9,7 @@
 //!   KVM with `KVM_HINTS_REALTIME`) the ops are NOPs and the unlock is one `add`; under another
 //!   hypervisor waiters block in a futex and unlockers wake them. See [`pv`].
 //! * [`PvMutex`] / [`RawPvLock`]: the paravirt hybrid lock, for more threads than CPUs. One
-//!   `lock bts` to lock and one release store to unlock when patched native; contended lockers
+//!   `cmpxchg` to lock and one release store to unlock when patched native; contended lockers
 //!   spin and steal the lock whenever it is free, then call a `pv_lock` slow-path op: keep
 //!   spinning (`native`), or park in a futex (`futex`), where unlocks wake one sleeper at a time
 //!   and a waiter past [`FAIR_TIMEOUT`] gets the lock handed over. Its sites share the ticket

@@ -100,27 +100,19 @@ impl Word {
                 .is_ok()
     }
 
-    /// One `lock bts` (only bit 0 is tested, so no `cmpxchg` loop): taken when `LOCKED` was
-    /// clear, whatever the other bits, so parked waiters do not send a running owner to the slow
-    /// path. Then one plain load for `WANT`.
+    /// One load and one `cmpxchg` from the value seen: taken when neither `LOCKED` nor `WANT` is
+    /// set, whatever the parked count, so parked waiters do not send a running owner down the
+    /// slow path.
     #[inline]
     fn lock(&self, spins: u32) {
-        if self.state().fetch_or(LOCKED, Acquire) & LOCKED != 0 {
-            self.lock_contended(false, spins);
-        } else if self.state().load(Relaxed) & WANT != 0 {
-            self.lock_contended(true, spins);
+        if !self.try_steal(self.state().load(Relaxed)) {
+            self.lock_contended(spins);
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn lock_contended(&self, holding: bool, spins: u32) {
-        if holding {
-            // We took a lock a waiter asked to be handed (`WANT`): pass it on, as the unlock
-            // would have, and queue up like any other locker.
-            // SAFETY: we hold the lock.
-            unsafe { unlock(self) };
-        }
+    fn lock_contended(&self, spins: u32) {
         let mut backoff = Backoff::new();
         while backoff.spent < spins {
             if self.try_steal(self.state().load(Relaxed)) {
@@ -181,7 +173,7 @@ impl Backoff {
 ///
 /// # Protocol
 ///
-/// Lock: `lock bts` of `LOCKED`, taken if it was clear, then a load to see no `WANT`; no pv code.
+/// Lock: a load and one `cmpxchg` setting `LOCKED` when neither it nor `WANT` is set; no pv code.
 /// Contended: up to `SPINS` pauses with exponential backoff between looks, taking the lock
 /// whenever it is free and nobody set `WANT` (bounded stealing), then the slow-path op:
 ///
@@ -201,7 +193,7 @@ impl Backoff {
 ///
 /// | bits | name | set by | cleared by |
 /// |---|---|---|---|
-/// | 0 | `LOCKED` | a locker (`lock bts`, or `cmpxchg` when stealing) | the unlock, unless it hands over |
+/// | 0 | `LOCKED` | a locker's `cmpxchg` | the unlock, unless it hands over |
 /// | 1 | `WAKING` | an unlock that wakes a sleeper | any parked waiter when it returns from the futex |
 /// | 2 | `HANDOFF` | an unlock that sees `WANT` (with `LOCKED` kept) | the `WANT` waiter, taking the lock |
 /// | 3 | `WANT` | one waiter past [`FAIR_TIMEOUT`] | that waiter, taking the lock |
@@ -286,10 +278,10 @@ impl<const SPINS: u32> Default for RawPvLock<SPINS> {
     }
 }
 
-// SAFETY: a locker owns the lock only when its `lock bts` or `cmpxchg` (Acquire) set `LOCKED` in a
-// word without it, or when an unlock kept it set to hand over to the one `WANT` waiter, which
-// claims it by a `cmpxchg` (Acquire) of the word the unlock released; so one owner at a time,
-// each acquiring what the last released.
+// SAFETY: a locker owns the lock only when its `cmpxchg` (Acquire) set `LOCKED` in a word without
+// it, or when an unlock kept it set to hand over to the one `WANT` waiter, which claims it by a
+// `cmpxchg` (Acquire) of the word the unlock released; so one owner at a time, each acquiring
+// what the last released.
 #[cfg(not(loom))]
 unsafe impl<const SPINS: u32> lock_api::RawMutex for RawPvLock<SPINS> {
     #[allow(clippy::declare_interior_mutable_const)]
@@ -661,14 +653,9 @@ pub(crate) unsafe fn lock_slowpath(word: *const Word, spins: u32) {
 #[cfg(loom)]
 pub(crate) unsafe fn unlock(word: *const Word) {
     match pv::model::variant() {
-        // `mov dword ptr [rdi], 0`, modelled as a release `swap`: the same value in the one
-        // coherence order. (A plain `store` racing with a waiter's `lock bts` that rewrites the
-        // held value leaves loom 0.7's spinning waiter reading that stale value forever, though
-        // it has yielded: a model artefact, not an x86 outcome.)
-        PvLock::Native | PvLock::SchedYield => {
-            // SAFETY: the caller holds the lock.
-            unsafe { &*word }.state().swap(0, Release);
-        }
+        // `mov dword ptr [rdi], 0`.
+        // SAFETY: the caller holds the lock.
+        PvLock::Native | PvLock::SchedYield => unsafe { &*word }.state().store(0, Release),
         // SAFETY: forwarded from the caller.
         PvLock::Futex | PvLock::Default => unsafe { futex_unlock(word) },
     }
