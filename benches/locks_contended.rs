@@ -11,8 +11,8 @@ mod plain_ticket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use altpatch_sites::TicketMutex;
 use altpatch_sites::pv::{self, PvLock};
+use altpatch_sites::{PvMutex, TicketMutex};
 use plain_ticket::PlainTicketMutex;
 use plotters::prelude::*;
 
@@ -156,6 +156,15 @@ fn main() {
         assert_eq!(pv::chosen(&report), Some(variant), "{report}");
         results.push((name, measure(name, time, &|| *ours.lock() += 1)));
     }
+    let hybrid = PvMutex::new(0u64);
+    for (variant, name) in [
+        (PvLock::Native, "altpatch hybrid native"),
+        (PvLock::Futex, "altpatch hybrid pv futex"),
+    ] {
+        let report = pv::force(variant);
+        assert_eq!(pv::chosen(&report), Some(variant), "{report}");
+        results.push((name, measure(name, time, &|| *hybrid.lock() += 1)));
+    }
     pv::force(PvLock::Native);
     let std_mutex = std::sync::Mutex::new(0u64);
     results.push((
@@ -189,6 +198,18 @@ fn main() {
             pv8.mops / plain8.mops,
             pv8.fairness,
             pv8.mops / std8.mops
+        );
+    }
+    if let (Some(h8), Some(plain8), Some(std8)) = (
+        at8("altpatch hybrid pv futex"),
+        at8("plain ticket"),
+        at8("std Mutex"),
+    ) {
+        println!(
+            "at 8 threads: hybrid pv futex / plain ticket = {:.1}x (target >= 10), max/min {:.1} (target <= 2); hybrid pv futex / std Mutex = {:.2}x (bar: >= 0.5)",
+            h8.mops / plain8.mops,
+            h8.fairness,
+            h8.mops / std8.mops
         );
     }
     if !quick {

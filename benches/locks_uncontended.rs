@@ -1,6 +1,7 @@
 //! Uncontended lock+unlock pairs, side by side: the plain ticket lock (no pv support: the native
 //! baseline), the altpatch ticket lock patched native, unpatched, and patched pv (futex), and the
-//! peers: std's Mutex, parking_lot, spin's TicketMutex.
+//! altpatch hybrid lock (`PvMutex`) in the same three states, and the peers: std's Mutex,
+//! parking_lot, spin's TicketMutex.
 
 #[path = "plain_ticket.rs"]
 mod plain_ticket;
@@ -9,8 +10,8 @@ mod ratios;
 
 use std::hint::black_box;
 
-use altpatch_sites::TicketMutex;
 use altpatch_sites::pv::{self, PvLock};
+use altpatch_sites::{PvMutex, TicketMutex};
 use criterion::Criterion;
 use plain_ticket::PlainTicketMutex;
 
@@ -35,6 +36,18 @@ fn main() {
         assert_eq!(pv::chosen(&report), Some(variant), "{report}");
         g.bench_function(id, |b| {
             b.iter(|| (0..PAIRS).for_each(|_| *ours.lock() += 1))
+        });
+    }
+    let hybrid = PvMutex::new(0u64);
+    for (variant, id) in [
+        (PvLock::Native, "altpatch_hybrid_patched_native"),
+        (PvLock::Default, "altpatch_hybrid_unpatched"),
+        (PvLock::Futex, "altpatch_hybrid_patched_pv_futex"),
+    ] {
+        let report = pv::force(variant);
+        assert_eq!(pv::chosen(&report), Some(variant), "{report}");
+        g.bench_function(id, |b| {
+            b.iter(|| (0..PAIRS).for_each(|_| *hybrid.lock() += 1))
         });
     }
     pv::force(PvLock::Native);
@@ -62,6 +75,9 @@ fn main() {
             ("altpatch_ticket_patched_native", Some(1.02)),
             ("altpatch_ticket_unpatched", None),
             ("altpatch_ticket_patched_pv_futex", None),
+            ("altpatch_hybrid_patched_native", None),
+            ("altpatch_hybrid_unpatched", None),
+            ("altpatch_hybrid_patched_pv_futex", None),
             ("std_mutex", None),
             ("parking_lot", None),
             ("spin_ticket", None),
@@ -72,6 +88,10 @@ fn main() {
         PAIRS as f64,
         "lock+unlock",
         "std_mutex",
-        &[("altpatch_ticket_patched_native", None)],
+        &[
+            ("altpatch_ticket_patched_native", None),
+            ("altpatch_hybrid_patched_native", None),
+            ("altpatch_hybrid_patched_pv_futex", None),
+        ],
     );
 }

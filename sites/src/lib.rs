@@ -8,6 +8,12 @@
 //!   past [`SPIN_THRESHOLD`] pauses, and its unlock is itself an alternative. On bare metal (or
 //!   KVM with `KVM_HINTS_REALTIME`) the ops are NOPs and the unlock is one `add`; under another
 //!   hypervisor waiters block in a futex and unlockers wake them. See [`pv`].
+//! * [`PvMutex`] / [`RawPvLock`]: the paravirt hybrid lock, for more threads than CPUs. One
+//!   `cmpxchg` to lock and one release store to unlock when patched native; contended lockers
+//!   spin and steal the lock whenever it is free, then call a `pv_lock` slow-path op: keep
+//!   spinning (`native`), or park in a futex (`futex`), where unlocks wake one sleeper at a time
+//!   and a waiter past [`FAIR_TIMEOUT`] gets the lock handed over. Its sites share the ticket
+//!   lock's `pv_lock` name, so one choice covers both. See [`pvlock`].
 //! * CPU alternatives: [`popcount`], [`leading_zeros`], [`trailing_zeros`] (POPCNT, LZCNT,
 //!   BMI1), [`crc32c()`] (SSE4.2), [`rdtsc_ordered`] (`rdtscp` or `lfence; rdtsc`),
 //!   [`copy_small`] (`rep movsb` with FSRM/ERMS), [`cache::flush`] (`clflushopt` or `clflush`).
@@ -33,6 +39,7 @@ pub mod copy;
 pub mod crc32c;
 mod futex;
 pub mod pv;
+pub mod pvlock;
 pub mod spinlock;
 mod sync;
 #[cfg(target_arch = "x86_64")]
@@ -41,6 +48,9 @@ pub mod timestamp;
 pub use bits::{leading_zeros, popcount, trailing_zeros};
 pub use copy::copy_small;
 pub use crc32c::{crc32c, crc32c_append};
+pub use pvlock::{FAIR_TIMEOUT, PV_SPIN_THRESHOLD, PvLockState, RawPvLock};
+#[cfg(not(loom))]
+pub use pvlock::{PvMutex, PvMutexGuard};
 pub use spinlock::{LockState, RawTicketLock, SPIN_THRESHOLD};
 #[cfg(not(loom))]
 pub use spinlock::{TicketMutex, TicketMutexGuard};

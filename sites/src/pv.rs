@@ -7,6 +7,12 @@
 //! * `unlock_kick(lock, ticket)`: the unlocker saw the slowpath flag; wake `ticket`'s waiter;
 //! * the unlock itself: a plain `add` inline, or a call to an unlock that reads the flag.
 //!
+//! The hybrid lock ([`RawPvLock`](crate::RawPvLock), in [`pvlock`](crate::pvlock)) adds two more
+//! under the same name and candidate table, so the same choice covers it: its slow path (a call
+//! to a spinning, a parking or a yielding slow path) and its unlock (`mov dword ptr [rdi], 0`
+//! inline, or a call to the unlock that may hand over and wake). [`force`] and [`chosen`] cover
+//! both locks.
+//!
 //! | candidate | predicate | when it wins |
 //! |---|---|---|
 //! | `futex` | `all(hypervisor, not(kvm_hints_realtime))` | a hypervisor that may preempt vCPUs: a preempted lock holder must not be spun on |

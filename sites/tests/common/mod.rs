@@ -248,3 +248,102 @@ pub fn contended_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration
     );
     elapsed
 }
+
+/// Runs `threads` threads doing `ops` lock/unlock pairs each on one
+/// `Mutex<RawPvLock<SPINS>, Shared>`, all started while the caller holds the lock (a convoy:
+/// under `futex` they park behind it).
+///
+/// The watchdog fails the test when no critical section completes for `stall` while threads are
+/// unfinished (a lost wake-up, an unclaimed handoff, a deadlock), dumping the lock word. Checks no
+/// overlap, no lost update, and that the word is back to 0 afterwards. Returns the elapsed time.
+pub fn pv_mutex_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration) -> Duration {
+    use altpatch_sites::{PvLockState, RawPvLock};
+    use std::sync::atomic::AtomicU64;
+
+    let lock: &'static LockApiMutex<RawPvLock<SPINS>, Shared> =
+        Box::leak(Box::new(LockApiMutex::new(Shared {
+            count: 0,
+            checksum: 0,
+        })));
+    let inside: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
+    let overlap: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let progress: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    let (done_tx, done_rx) = mpsc::channel();
+    let go: &'static Barrier = Box::leak(Box::new(Barrier::new(threads + 1)));
+    for t in 0..threads {
+        let done_tx = done_tx.clone();
+        std::thread::spawn(move || {
+            go.wait();
+            for i in 0..ops {
+                let mut g = lock.lock();
+                if inside.fetch_add(1, Ordering::Relaxed) != 0 {
+                    overlap.store(true, Ordering::Relaxed);
+                }
+                let c = std::hint::black_box(g.count);
+                std::hint::spin_loop();
+                g.count = c + 1;
+                g.checksum = g.checksum.wrapping_add(t as u64 * 1_000_003 + i);
+                inside.fetch_sub(1, Ordering::Relaxed);
+                progress.fetch_add(1, Ordering::Relaxed);
+                drop(g);
+                if i % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            done_tx.send(()).unwrap();
+        });
+    }
+    drop(done_tx);
+    // SAFETY: `raw` is only used to read the word.
+    let raw = unsafe { lock.raw() };
+    let held = lock.lock();
+    go.wait();
+    let start = Instant::now();
+    // Long enough for the workers to spin out and park (or ask for a handoff) behind us.
+    std::thread::sleep(Duration::from_millis(3));
+    drop(held);
+    let (mut finished, mut last, mut last_move) = (0, 0, Instant::now());
+    while finished < threads {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => finished += 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("a worker died: {e}"),
+        }
+        let now = progress.load(Ordering::Relaxed);
+        if now != last {
+            (last, last_move) = (now, Instant::now());
+        } else if finished < threads && last_move.elapsed() > stall {
+            let state: PvLockState = raw.state();
+            panic!(
+                "watchdog: no critical section for {stall:?}; {finished} of {threads} threads \
+                 done after {:?}, {now} sections; lock {state:?} (locked {}, parked {}, waking {}, \
+                 want {}, handoff {}); stats {:?}",
+                start.elapsed(),
+                state.is_locked(),
+                state.parked(),
+                state.waking(),
+                state.wants_handoff(),
+                state.handed_off(),
+                altpatch_sites::pvlock::stats()
+            );
+        }
+    }
+    let elapsed = start.elapsed();
+    assert!(
+        !overlap.load(Ordering::Relaxed),
+        "two threads were inside at once"
+    );
+    let g = lock.lock();
+    assert_eq!(g.count, threads as u64 * ops, "lost updates");
+    let expected = (0..threads as u64)
+        .flat_map(|t| (0..ops).map(move |i| t * 1_000_003 + i))
+        .fold(0u64, u64::wrapping_add);
+    assert_eq!(g.checksum, expected, "lost or duplicated critical sections");
+    drop(g);
+    assert_eq!(
+        raw.state(),
+        PvLockState(0),
+        "quiescent: unlocked, nobody parked, no flag left"
+    );
+    elapsed
+}
