@@ -128,8 +128,10 @@ fn plot(results: &[(&str, Vec<Point>)], path: &str) -> Result<(), Box<dyn std::e
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs the binary without it.
     let quick = std::env::var_os("ALTPATCH_BENCH_QUICK").is_some()
-        || std::env::args().any(|a| a == "--test" || a == "--quick");
+        || std::env::args().any(|a| a == "--quick")
+        || !std::env::args().any(|a| a == "--bench");
     if std::env::args().any(|a| a == "--list") {
         return;
     }
