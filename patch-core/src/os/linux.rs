@@ -304,16 +304,10 @@ unsafe fn handle_int3(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool
     let gregs = &mut uc.uc_mcontext.gregs;
     let site = (gregs[libc::REG_RIP as usize] as usize).wrapping_sub(1);
 
-    IN_FLIGHT.fetch_add(1, SeqCst);
-    let batch = ACTIVE.load(SeqCst);
-    // SAFETY: the patcher frees a published batch only after withdrawing it and seeing IN_FLIGHT
-    // at zero, and we incremented IN_FLIGHT before loading the pointer.
-    let entry = unsafe { batch.as_ref() }.and_then(|b| {
-        let i = b.binary_search_by_key(&site, |s| s.addr).ok()?;
-        Some(b[i])
-    });
-    let handled = match entry {
-        Some(entry) => {
+    let mut lookups = 0;
+    loop {
+        lookups += 1;
+        if let Some(entry) = active_site(site) {
             let (rip, rsp) = (libc::REG_RIP as usize, libc::REG_RSP as usize);
             let (mut new_rip, mut new_rsp) = (gregs[rip] as u64, gregs[rsp] as u64);
             let resume = Resume {
@@ -329,23 +323,45 @@ unsafe fn handle_int3(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool
                 wait_for_first_byte(site);
                 gregs[rip] = site as i64;
             }
-            true
+            TRAPS_HANDLED.fetch_add(1, SeqCst);
+            return true;
         }
-        None => false,
-    };
+        if !was_patched(site) {
+            return false;
+        }
+        // A trap that raced with the end of its batch: the int3 is gone, run the site again.
+        // SAFETY: `site` is a patched site start (checked above), mapped and readable.
+        if unsafe { core::ptr::read_volatile(site as *const u8) } != arch::INT3 {
+            gregs[libc::REG_RIP as usize] = site as i64;
+            TRAPS_HANDLED.fetch_add(1, SeqCst);
+            return true;
+        }
+        // An int3 on a site we patch, in no published batch: our batch ended between the trap
+        // and the lookup, and the next one (which publishes before it writes its int3) put an
+        // int3 back. Look again; an int3 that stays unpublished is someone else's breakpoint.
+        if lookups == FOREIGN_AFTER {
+            return false;
+        }
+        // SAFETY: sched_yield is async-signal-safe and takes no arguments.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+/// Lookups of an unpublished int3 on a patched site before it is taken for someone else's.
+const FOREIGN_AFTER: usize = 1000;
+
+/// The published batch's entry for `site`, if any.
+fn active_site(site: usize) -> Option<ActiveSite> {
+    IN_FLIGHT.fetch_add(1, SeqCst);
+    let batch = ACTIVE.load(SeqCst);
+    // SAFETY: the patcher frees a published batch only after withdrawing it and seeing IN_FLIGHT
+    // at zero, and we incremented IN_FLIGHT before loading the pointer.
+    let entry = unsafe { batch.as_ref() }.and_then(|b| {
+        let i = b.binary_search_by_key(&site, |s| s.addr).ok()?;
+        Some(b[i])
+    });
     IN_FLIGHT.fetch_sub(1, SeqCst);
-    if handled {
-        TRAPS_HANDLED.fetch_add(1, SeqCst);
-        return true;
-    }
-    // A trap that raced with the end of its batch: the int3 is gone, run the site again.
-    // SAFETY: `site` is a patched site start (checked first), mapped and readable.
-    if was_patched(site) && unsafe { core::ptr::read_volatile(site as *const u8) } != arch::INT3 {
-        gregs[libc::REG_RIP as usize] = site as i64;
-        TRAPS_HANDLED.fetch_add(1, SeqCst);
-        return true;
-    }
-    false
+    entry
 }
 
 fn wait_for_first_byte(site: usize) {
