@@ -144,8 +144,10 @@ impl Patcher {
             stats: Default::default(),
             elapsed: Default::default(),
         };
-        let mut writes = Vec::new();
-        let mut written_sites = Vec::new();
+        // Room for every site: untouched (so unfaulted) when few are written, and no regrowth
+        // copying thousands of writes when all are.
+        let mut writes = Vec::with_capacity(records.len());
+        let mut written_sites = Vec::with_capacity(records.len());
         let memory = crate::os::memory_map();
         let disabled_why: Option<Arc<str>> = report.disabled.as_deref().map(Arc::from);
         // Inlined copies share their descriptor, so they share its selection, its reason and its
