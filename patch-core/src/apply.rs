@@ -1,8 +1,10 @@
 //! Apply: record → detection → selection → plan → write → report, for every site in the program.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::sync::LazyLock;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -149,23 +151,22 @@ impl Patcher {
         let mut writes = Vec::with_capacity(records.len());
         let mut written_sites = Vec::with_capacity(records.len());
         let memory = crate::os::memory_map();
-        let disabled_why: Option<Arc<str>> = report.disabled.as_deref().map(Arc::from);
         // Inlined copies share their descriptor, so they share its selection, its reason and its
-        // candidate list: one allocation per descriptor, none per copy.
+        // candidate list: the strings are made once per descriptor, and a copy's report entry
+        // borrows them (no allocation and no reference count per site).
         let mut selected: AddressMap<Selected> = AddressMap::default();
-        let mut unknown_candidates: Option<Arc<[&'static str]>> = None;
         let mut scratch = Scratch::default();
         for rec in records {
             if !record::is_understood(rec) {
-                let none = unknown_candidates.get_or_insert_with(|| [].into());
-                let why = not_understood(rec).into();
-                report.sites.push(site_report(rec, none, &why));
+                report
+                    .sites
+                    .push(site_report(rec, &[], not_understood(rec).into()));
                 continue;
             }
             let desc = rec.descriptor();
             let entry = selected.entry(address(desc)).or_insert_with(|| {
                 // Disabled: no predicate runs (a `when` function may not expect to).
-                let selection = match disabled_why {
+                let selection = match report.disabled {
                     Some(_) => Selection {
                         index: 0,
                         reason: Reason::Off,
@@ -173,40 +174,42 @@ impl Patcher {
                     None => select::select(desc, &report.cpu, &overrides),
                 };
                 Selected {
-                    why: why_selected(desc, &selection).into(),
+                    why: intern(why_selected(desc, &selection)),
                     selection,
-                    candidates: desc.candidate_names().collect(),
+                    candidates: candidate_names(desc),
                     already_in_place: None,
                     restored: None,
                 }
             });
-            let mut site = site_report(rec, &entry.candidates, &entry.why);
-            if let Some(why) = &disabled_why {
-                site.why = why.clone();
+            if let Some(why) = &report.disabled {
+                let site = site_report(rec, entry.candidates, why.clone().into());
                 report.sites.push(site);
                 continue;
             }
-            match plan_record(rec, &memory, &mut scratch, |_| entry.selection.clone()) {
+            let site = match plan_record(rec, &memory, &mut scratch, |_| entry.selection.clone()) {
                 Ok((selection, shape, write)) => {
-                    site.chosen = desc.candidates[selection.index].name;
                     // The default running is "unpatched", whether as built or restored.
-                    site.how = if selection.index == 0 {
+                    let how = if selection.index == 0 {
                         How::Unpatched
                     } else {
                         How::of(shape)
                     };
+                    let why = match (&write, how) {
+                        (Some(_), How::Unpatched) => entry.restored(),
+                        (None, how) if how != How::Unpatched => entry.already_in_place(),
+                        _ => entry.why,
+                    };
                     if let Some(write) = write {
                         written_sites.push(report.sites.len());
                         writes.push(write);
-                        if site.how == How::Unpatched {
-                            site.why = entry.restored().clone();
-                        }
-                    } else if site.how != How::Unpatched {
-                        site.why = entry.already_in_place().clone();
                     }
+                    let mut site = site_report(rec, entry.candidates, why.into());
+                    site.chosen = desc.candidates[selection.index].name;
+                    site.how = how;
+                    site
                 }
-                Err(why) => site.why = why.into(),
-            }
+                Err(why) => site_report(rec, entry.candidates, why.into()),
+            };
             report.sites.push(site);
         }
 
@@ -280,7 +283,11 @@ fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Opti
         .then(|| format!("{}=off", crate::overrides::ENV_VAR))
 }
 
-fn site_report(rec: &SiteRecord, candidates: &Arc<[&'static str]>, why: &Arc<str>) -> SiteReport {
+fn site_report(
+    rec: &SiteRecord,
+    candidates: &'static [&'static str],
+    why: Cow<'static, str>,
+) -> SiteReport {
     let desc = record::is_understood(rec).then(|| rec.descriptor());
     SiteReport {
         name: desc.map_or("?", |d| d.name),
@@ -289,35 +296,62 @@ fn site_report(rec: &SiteRecord, candidates: &Arc<[&'static str]>, why: &Arc<str
         addr: rec.site_addr(),
         len: usize::from(rec.len),
         kind: rec.kind(),
-        candidates: candidates.clone(),
+        candidates,
         chosen: "default",
         how: How::Unpatched,
         written: false,
-        why: why.clone(),
+        why,
     }
 }
 
 /// What one apply decided for a descriptor, shared by the reports of all its inlined copies.
 struct Selected {
     selection: Selection,
-    why: Arc<str>,
-    candidates: Arc<[&'static str]>,
-    already_in_place: Option<Arc<str>>,
-    restored: Option<Arc<str>>,
+    why: &'static str,
+    candidates: &'static [&'static str],
+    already_in_place: Option<&'static str>,
+    restored: Option<&'static str>,
 }
 
 impl Selected {
-    fn already_in_place(&mut self) -> &Arc<str> {
-        let why = &self.why;
+    fn already_in_place(&mut self) -> &'static str {
+        let why = self.why;
         self.already_in_place
-            .get_or_insert_with(|| format!("{why} (already in place)").into())
+            .get_or_insert_with(|| intern(format!("{why} (already in place)")))
     }
 
-    fn restored(&mut self) -> &Arc<str> {
-        let why = &self.why;
+    fn restored(&mut self) -> &'static str {
+        let why = self.why;
         self.restored
-            .get_or_insert_with(|| format!("{why} (default restored)").into())
+            .get_or_insert_with(|| intern(format!("{why} (default restored)")))
     }
+}
+
+/// The one copy of `text` kept for the life of the process.
+///
+/// Selection reasons are made from a site's descriptor (its predicates, the key, `ALTPATCH`
+/// choices), so a program has a bounded set of them however often it applies; keeping each once
+/// lets every report entry borrow it instead of allocating (10,000 sites make 10,000 reports).
+/// Reasons that carry per-site data (a refusal's bytes, a write error) are owned by their entry.
+fn intern(text: String) -> &'static str {
+    static REASONS: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
+    let mut reasons = REASONS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&known) = reasons.get(text.as_str()) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(text.into_boxed_str());
+    reasons.insert(leaked);
+    leaked
+}
+
+/// `desc`'s candidate names, made once per descriptor for the life of the process.
+fn candidate_names(desc: &'static SiteDescriptor) -> &'static [&'static str] {
+    static NAMES: LazyLock<Mutex<AddressMap<&'static [&'static str]>>> =
+        LazyLock::new(Default::default);
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    names
+        .entry(address(desc))
+        .or_insert_with(|| Box::leak(desc.candidate_names().collect()))
 }
 
 /// A map keyed by the address of a static (a descriptor, a key). Such addresses are unique and

@@ -1,7 +1,7 @@
 //! Report: what `apply_patches()` found and did, site by site.
 
 use core::fmt;
-use std::sync::Arc;
+use std::borrow::Cow;
 use std::time::Duration;
 
 use crate::cpu::Cpu;
@@ -74,8 +74,8 @@ pub struct SiteReport {
     pub len: usize,
     /// Kind of site (`None` for a record this version does not understand).
     pub kind: Option<SiteKind>,
-    /// Candidate names, the default first (shared by the site's inlined copies).
-    pub candidates: Arc<[&'static str]>,
+    /// Candidate names, the default first.
+    pub candidates: &'static [&'static str],
     /// The selected candidate (what runs, unless `how` is `Unpatched`).
     pub chosen: &'static str,
     /// How the site runs now.
@@ -83,7 +83,7 @@ pub struct SiteReport {
     /// Whether this apply wrote the site.
     pub written: bool,
     /// Why: the selection's reason, or why the site was left alone.
-    pub why: Arc<str>,
+    pub why: Cow<'static, str>,
 }
 
 /// The result of `apply_patches()`.
