@@ -1,11 +1,9 @@
 //! Apply: record → detection → selection → plan → write → report, for every site in the program.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::LazyLock;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{LazyLock, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::cpu::Cpu;
@@ -403,7 +401,7 @@ fn not_understood(rec: &SiteRecord) -> String {
 struct Scratch {
     blocks: Vec<Block<'static>>,
     names: Vec<&'static str>,
-    bytes: Vec<u8>,
+    planned: Vec<u8>,
 }
 
 /// Selects and plans one record, or says why it is left alone.
@@ -434,7 +432,7 @@ fn plan_record(
     let Scratch {
         blocks,
         names,
-        bytes,
+        planned,
     } = scratch;
     blocks.clear();
     names.clear();
@@ -456,12 +454,19 @@ fn plan_record(
     // only the patcher (whose lock we hold) writes it.
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
-    let shape = plan::plan_site_into(site as u64, current, blocks, names, selection.index, bytes)
-        .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
+    let shape = plan::plan_site_into(
+        site as u64,
+        current,
+        blocks,
+        names,
+        selection.index,
+        planned,
+    )
+    .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
     // Only a site that changes gets its own copies of the old and new bytes.
-    let write = (bytes[..] != *current).then(|| SiteWrite {
+    let write = (planned[..] != *current).then(|| SiteWrite {
         ip: site as u64,
-        new: SiteBytes::from_slice(bytes),
+        new: SiteBytes::from_slice(planned),
         shape,
         old: SiteBytes::from_slice(current),
     });
