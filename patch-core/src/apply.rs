@@ -148,6 +148,9 @@ impl Patcher {
         // copying thousands of writes when all are.
         let mut writes = Vec::with_capacity(records.len());
         let mut written_sites = Vec::with_capacity(records.len());
+        // Every site gets a report entry: fault the pages in with one call, not one fault each.
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        crate::os::linux::prefault(&mut report.sites);
         let memory = crate::os::memory_map();
         // Inlined copies share their descriptor, so they share its selection, its reason and its
         // candidate list: the strings are made once per descriptor, and a copy's report entry
