@@ -2,7 +2,7 @@
 //! CPUs, and a contended workload with a watchdog.
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use altpatch::{Cpu, FakeCpuid, Patcher, Report, SiteReport};
 use altpatch_sites::pv::{self, PvLock};
 use altpatch_sites::{LockState, RawTicketLock};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
-use lock_api::Mutex as LockApiMutex;
+use lock_api::{Mutex as LockApiMutex, RawMutex};
 
 /// Tests in one binary share the program text: those that patch, or that run locks whose
 /// `pv_lock` sites another test could re-patch, take this lock.
@@ -157,38 +157,13 @@ pub struct Shared {
 /// words; slow progress (plain spinning with more threads than cores) is not a hang. Returns the
 /// elapsed time.
 pub fn contended_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration) -> Duration {
-    let lock: &'static LockApiMutex<RawTicketLock<SPINS>, Shared> =
-        Box::leak(Box::new(LockApiMutex::new(Shared {
-            count: 0,
-            checksum: 0,
-        })));
-    let inside: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
-    let overlap: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    let (done_tx, done_rx) = mpsc::channel();
-    let go: &'static Barrier = Box::leak(Box::new(Barrier::new(threads + 1)));
-    for t in 0..threads {
-        let done_tx = done_tx.clone();
-        std::thread::spawn(move || {
-            go.wait();
-            for i in 0..ops {
-                let mut g = lock.lock();
-                if inside.fetch_add(1, Ordering::Relaxed) != 0 {
-                    overlap.store(true, Ordering::Relaxed);
-                }
-                let c = std::hint::black_box(g.count);
-                std::hint::spin_loop();
-                g.count = c + 1;
-                g.checksum = g.checksum.wrapping_add(t as u64 * 1_000_003 + i);
-                inside.fetch_sub(1, Ordering::Relaxed);
-                drop(g);
-                if i % 64 == 0 {
-                    std::thread::yield_now();
-                }
-            }
-            done_tx.send(()).unwrap();
-        });
-    }
-    drop(done_tx);
+    let lock: &'static LockApiMutex<RawTicketLock<SPINS>, Shared> = leak_shared();
+    let Workers {
+        done: done_rx,
+        overlap,
+        go,
+        ..
+    } = spawn_workers(lock, threads, ops);
     // SAFETY: `raw` is only used to read the two words.
     let raw = unsafe { lock.raw() };
     // Start as a convoy: every worker takes a ticket (and, past its spins, calls
@@ -229,17 +204,7 @@ pub fn contended_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration
         }
     }
     let elapsed = start.elapsed();
-    assert!(
-        !overlap.load(Ordering::Relaxed),
-        "two threads were inside at once"
-    );
-    let g = lock.lock();
-    assert_eq!(g.count, threads as u64 * ops, "lost updates");
-    let expected = (0..threads as u64)
-        .flat_map(|t| (0..ops).map(move |i| t * 1_000_003 + i))
-        .fold(0u64, u64::wrapping_add);
-    assert_eq!(g.checksum, expected, "lost or duplicated critical sections");
-    drop(g);
+    check_sections(lock, overlap, threads, ops);
     let state = raw.state();
     assert!(!state.is_locked(), "{state:?}");
     assert!(
@@ -258,42 +223,14 @@ pub fn contended_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration
 /// overlap, no lost update, and that the word is back to 0 afterwards. Returns the elapsed time.
 pub fn pv_mutex_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration) -> Duration {
     use altpatch_sites::{PvLockState, RawPvLock};
-    use std::sync::atomic::AtomicU64;
 
-    let lock: &'static LockApiMutex<RawPvLock<SPINS>, Shared> =
-        Box::leak(Box::new(LockApiMutex::new(Shared {
-            count: 0,
-            checksum: 0,
-        })));
-    let inside: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
-    let overlap: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    let progress: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
-    let (done_tx, done_rx) = mpsc::channel();
-    let go: &'static Barrier = Box::leak(Box::new(Barrier::new(threads + 1)));
-    for t in 0..threads {
-        let done_tx = done_tx.clone();
-        std::thread::spawn(move || {
-            go.wait();
-            for i in 0..ops {
-                let mut g = lock.lock();
-                if inside.fetch_add(1, Ordering::Relaxed) != 0 {
-                    overlap.store(true, Ordering::Relaxed);
-                }
-                let c = std::hint::black_box(g.count);
-                std::hint::spin_loop();
-                g.count = c + 1;
-                g.checksum = g.checksum.wrapping_add(t as u64 * 1_000_003 + i);
-                inside.fetch_sub(1, Ordering::Relaxed);
-                progress.fetch_add(1, Ordering::Relaxed);
-                drop(g);
-                if i % 64 == 0 {
-                    std::thread::yield_now();
-                }
-            }
-            done_tx.send(()).unwrap();
-        });
-    }
-    drop(done_tx);
+    let lock: &'static LockApiMutex<RawPvLock<SPINS>, Shared> = leak_shared();
+    let Workers {
+        done: done_rx,
+        overlap,
+        progress,
+        go,
+    } = spawn_workers(lock, threads, ops);
     // SAFETY: `raw` is only used to read the word.
     let raw = unsafe { lock.raw() };
     let held = lock.lock();
@@ -329,6 +266,85 @@ pub fn pv_mutex_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration)
         }
     }
     let elapsed = start.elapsed();
+    check_sections(lock, overlap, threads, ops);
+    assert_eq!(
+        raw.state(),
+        PvLockState(0),
+        "quiescent: unlocked, nobody parked, no flag left"
+    );
+    elapsed
+}
+
+/// A `Mutex<R, Shared>` that lives for the rest of the test process (the workers may outlive a
+/// failed test).
+fn leak_shared<R: RawMutex>() -> &'static LockApiMutex<R, Shared> {
+    Box::leak(Box::new(LockApiMutex::new(Shared {
+        count: 0,
+        checksum: 0,
+    })))
+}
+
+/// What the workers of [`spawn_workers`] report.
+struct Workers {
+    /// One message per finished worker.
+    done: mpsc::Receiver<()>,
+    /// Set if two workers were ever inside the critical section at once.
+    overlap: &'static AtomicBool,
+    /// Critical sections completed so far, by all workers.
+    progress: &'static AtomicU64,
+    /// Releases the workers once the caller also waits on it.
+    go: &'static Barrier,
+}
+
+/// Spawns `threads` workers doing `ops` critical sections each on `lock`, waiting at `go`.
+fn spawn_workers<R: RawMutex + Sync + 'static>(
+    lock: &'static LockApiMutex<R, Shared>,
+    threads: usize,
+    ops: u64,
+) -> Workers {
+    let inside: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
+    let overlap: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let progress: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    let (done_tx, done) = mpsc::channel();
+    let go: &'static Barrier = Box::leak(Box::new(Barrier::new(threads + 1)));
+    for t in 0..threads {
+        let done_tx = done_tx.clone();
+        std::thread::spawn(move || {
+            go.wait();
+            for i in 0..ops {
+                let mut g = lock.lock();
+                if inside.fetch_add(1, Ordering::Relaxed) != 0 {
+                    overlap.store(true, Ordering::Relaxed);
+                }
+                let c = std::hint::black_box(g.count);
+                std::hint::spin_loop();
+                g.count = c + 1;
+                g.checksum = g.checksum.wrapping_add(t as u64 * 1_000_003 + i);
+                inside.fetch_sub(1, Ordering::Relaxed);
+                progress.fetch_add(1, Ordering::Relaxed);
+                drop(g);
+                if i % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            done_tx.send(()).unwrap();
+        });
+    }
+    Workers {
+        done,
+        overlap,
+        progress,
+        go,
+    }
+}
+
+/// No overlap, no lost update, every critical section exactly once.
+fn check_sections<R: RawMutex>(
+    lock: &LockApiMutex<R, Shared>,
+    overlap: &AtomicBool,
+    threads: usize,
+    ops: u64,
+) {
     assert!(
         !overlap.load(Ordering::Relaxed),
         "two threads were inside at once"
@@ -339,11 +355,4 @@ pub fn pv_mutex_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration)
         .flat_map(|t| (0..ops).map(move |i| t * 1_000_003 + i))
         .fold(0u64, u64::wrapping_add);
     assert_eq!(g.checksum, expected, "lost or duplicated critical sections");
-    drop(g);
-    assert_eq!(
-        raw.state(),
-        PvLockState(0),
-        "quiescent: unlocked, nobody parked, no flag left"
-    );
-    elapsed
 }
