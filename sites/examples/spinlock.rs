@@ -1,6 +1,7 @@
-//! The paravirt ticket spinlock: which `pv_lock` variant this machine selects and why, then a
-//! short contended workload under each variant (forced through the API), side by side with
-//! `std::sync::Mutex`: throughput, and fairness between the threads.
+//! The paravirt locks: which `pv_lock` variant this machine selects and why, then a short
+//! contended workload under each variant (forced through the API) for the ticket spinlock
+//! (`TicketMutex`) and the hybrid lock (`PvMutex`), side by side with `std::sync::Mutex`:
+//! throughput, and fairness between the threads.
 //!
 //! ```text
 //! cargo run --release -p altpatch-sites --example spinlock
@@ -14,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use altpatch_sites::TicketMutex;
 use altpatch_sites::pv::{self, PvLock};
+use altpatch_sites::{PvMutex, TicketMutex, pvlock};
 
 const RUN: Duration = Duration::from_millis(300);
 /// Work inside the lock and between acquisitions, in `black_box` steps (about 1 ns each).
@@ -28,7 +29,20 @@ struct Run {
     elapsed: Duration,
     /// CPU time the whole process used (user + system), noise threads included.
     cpu: Duration,
-    stats: pv::PvStats,
+    /// Waiters put to sleep and wake-ups by unlockers, where the lock counts them.
+    sleeps_wakes: Option<(u64, u64)>,
+}
+
+/// The ticket lock's slow-path counters: futex waits, kicks.
+fn ticket_counters() -> Option<(u64, u64)> {
+    let s = pv::stats();
+    Some((s.waits, s.kicks))
+}
+
+/// The hybrid lock's: parks, wakes.
+fn hybrid_counters() -> Option<(u64, u64)> {
+    let s = pvlock::stats();
+    Some((s.parks, s.wakes))
 }
 
 impl Run {
@@ -53,15 +67,17 @@ impl Run {
             self.per_thread.iter().min().unwrap(),
             self.per_thread.iter().max().unwrap(),
         );
+        let per_op = |n: u64| format!("{:.3}", n as f64 / total);
+        let (sleeps, wakes) = self
+            .sleeps_wakes
+            .map_or(("-".into(), "-".into()), |(s, w)| (per_op(s), per_op(w)));
         println!(
-            "{name:<17} {threads:>7}  {:>9.0}  {:>7} .. {:<7}  {:>5.2}  {:>6.0}%  {:>8.3}  {:>8.3}",
+            "{name:<17} {threads:>7}  {:>9.0}  {:>7} .. {:<7}  {:>5.2}  {:>6.0}%  {sleeps:>8}  {wakes:>8}",
             total / self.elapsed.as_secs_f64() / 1000.0,
             min,
             max,
             self.jain(),
             100.0 * self.cpu.as_secs_f64() / self.elapsed.as_secs_f64(),
-            self.stats.waits as f64 / total,
-            self.stats.kicks as f64 / total,
         );
     }
 }
@@ -72,10 +88,11 @@ fn run_with<L: Sync>(
     threads: usize,
     lock: &L,
     with_lock: impl Fn(&L, &mut dyn FnMut(&mut u64)) + Sync,
+    counters: fn() -> Option<(u64, u64)>,
 ) -> Run {
     let stop = AtomicBool::new(false);
     let counts: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
-    let before = pv::stats();
+    let before = counters();
     let cpu_before = cpu_time();
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -101,29 +118,36 @@ fn run_with<L: Sync>(
         std::thread::sleep(RUN);
         stop.store(true, Ordering::Relaxed);
     });
-    let after = pv::stats();
+    let elapsed = start.elapsed();
+    let cpu = cpu_time() - cpu_before;
+    let sleeps_wakes = before
+        .zip(counters())
+        .map(|((s0, w0), (s1, w1))| (s1 - s0, w1 - w0));
     Run {
         per_thread: counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
-        elapsed: start.elapsed(),
-        cpu: cpu_time() - cpu_before,
-        stats: pv::PvStats {
-            waits: after.waits - before.waits,
-            kicks: after.kicks - before.kicks,
-            flag_clears: after.flag_clears - before.flag_clears,
-        },
+        elapsed,
+        cpu,
+        sleeps_wakes,
     }
 }
 
 fn ticket_run(threads: usize) -> Run {
     let lock = TicketMutex::new(0u64);
-    let run = run_with(threads, &lock, |l, f| f(&mut l.lock()));
+    let run = run_with(threads, &lock, |l, f| f(&mut l.lock()), ticket_counters);
+    assert_eq!(*lock.lock(), run.total(), "lost updates");
+    run
+}
+
+fn hybrid_run(threads: usize) -> Run {
+    let lock = PvMutex::new(0u64);
+    let run = run_with(threads, &lock, |l, f| f(&mut l.lock()), hybrid_counters);
     assert_eq!(*lock.lock(), run.total(), "lost updates");
     run
 }
 
 fn std_run(threads: usize) -> Run {
     let lock = std::sync::Mutex::new(0u64);
-    let run = run_with(threads, &lock, |l, f| f(&mut l.lock().unwrap()));
+    let run = run_with(threads, &lock, |l, f| f(&mut l.lock().unwrap()), || None);
     assert_eq!(*lock.lock().unwrap(), run.total(), "lost updates");
     run
 }
@@ -179,7 +203,8 @@ fn main() {
     println!(
         "Contended workload: each thread locks, increments, works ~{INSIDE} ns, unlocks, works \
          ~{OUTSIDE} ns; {RUN:?} per run, {cores} cores. Fairness: each thread's pairs (min .. \
-         max) and Jain's index (1.00 = equal shares); cpu: the process's CPU time over the run."
+         max) and Jain's index (1.00 = equal shares); cpu: the process's CPU time over the run; \
+         sleeps and wakes per pair: futex waits and kicks (ticket), parks and wakes (hybrid)."
     );
     let scenarios = [
         (cores, 0, "threads = cores"),
@@ -196,7 +221,7 @@ fn main() {
         println!("{title}:");
         println!(
             "{:<17} {:>7}  {:>9}  {:^17}  {:>5}  {:>7}  {:>8}  {:>8}",
-            "lock", "threads", "pairs/ms", "per thread", "Jain", "cpu", "waits/op", "kicks/op"
+            "lock", "threads", "pairs/ms", "per thread", "Jain", "cpu", "sleeps", "wakes"
         );
         let _noise = Noise::new(noise);
         for variant in variants {
@@ -204,6 +229,7 @@ fn main() {
             let forced = pv::force(variant);
             assert_eq!(pv::chosen(&forced), Some(variant), "{forced}");
             ticket_run(threads).print(&format!("ticket/{}", variant.name()), threads);
+            hybrid_run(threads).print(&format!("hybrid/{}", variant.name()), threads);
         }
         std_run(threads).print("std::sync::Mutex", threads);
     }
