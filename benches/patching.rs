@@ -124,9 +124,12 @@ fn bench_keys(c: &mut Criterion) {
 /// Minor page faults of this process so far: what a first apply pays for memory touched for the
 /// first time (its report, the records, text pages copied on write).
 fn minor_faults() -> i64 {
-    // SAFETY: getrusage fills the zeroed struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    // SAFETY: an all-zero rusage is a valid value, and getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
     usage.ru_minflt
 }
 
