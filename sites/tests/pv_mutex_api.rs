@@ -18,16 +18,7 @@ static COUNTER: PvMutex<u64> = PvMutex::new(0);
 #[test]
 fn a_static_mutex_counts() {
     let _lock = patch_lock();
-    std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
-                for _ in 0..1000 {
-                    *COUNTER.lock() += 1;
-                }
-            });
-        }
-    });
-    assert_eq!(*COUNTER.lock(), 4000);
+    four_threads_count_to_4000(&COUNTER);
 }
 
 #[test]

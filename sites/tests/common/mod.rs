@@ -142,6 +142,20 @@ pub fn long_stress() -> bool {
     std::env::var_os("ALTPATCH_STRESS").is_some_and(|v| v != "0" && !v.is_empty())
 }
 
+/// Four threads add 1,000 each to `counter` (a `static` mutex, so const construction works).
+pub fn four_threads_count_to_4000<R: RawMutex + Sync>(counter: &'static LockApiMutex<R, u64>) {
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..1000 {
+                    *counter.lock() += 1;
+                }
+            });
+        }
+    });
+    assert_eq!(*counter.lock(), 4000);
+}
+
 /// A critical section that notices any overlap and any lost update: `inside` must be 0 on entry,
 /// and the plain read-modify-write of `count` loses increments if two threads run it at once.
 pub struct Shared {
