@@ -60,7 +60,7 @@
 
 pub use patch_core::cpu::{Cpu, CpuidSource, FakeCpuid, Hypervisor, HypervisorKind, KvmFeatures};
 pub use patch_core::overrides::{OverrideError, Overrides};
-pub use patch_core::plan::Shape;
+pub use patch_core::plan::{LiveWrite, Shape};
 pub use patch_core::record::SiteKind;
 pub use patch_core::write::{FallbackWriter, TextWriter};
 
@@ -142,7 +142,11 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 ///
 /// * `predicate => path`: the function `path`, with the same signature;
 /// * `predicate => asm("instr", ...)` (call-site mode): instructions copied into each call site,
-///   using the ABI registers above and free to clobber any caller-saved register;
+///   using the ABI registers above and free to clobber any caller-saved register. One
+///   instruction of at most 5 bytes (the call's length; pad a shorter one with `ds` prefixes to
+///   exactly 5 to switch back as freely) can be written while other threads run; a longer one,
+///   or several, only when no other thread runs, as at a program's start (a thread may be
+///   stopped inside the old bytes: see [`LiveWrite`]);
 /// * `predicate => nop` (call-site mode, functions returning `()`): nothing at all.
 ///
 /// Predicates: a feature name ([`Feature`]: `avx2`, `sse4_2`, `popcnt`, ...), `all(..)`,

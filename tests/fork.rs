@@ -12,26 +12,17 @@ use common::*;
 fn a_forked_child_patches_its_own_text() {
     let _lock = patch_lock();
     Patcher::new().cpu(cpu_with(&[])).apply();
-    // SAFETY: the child only patches, checks and `_exit`s; it does not return into the harness.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
+    in_forked_child(|| {
         let report = Patcher::new().cpu(cpu_with(&[Feature::Bmi2])).apply();
-        let ok = !report.stats.live
-            && report
+        assert!(!report.stats.live, "one thread: {report}");
+        assert!(
+            report
                 .site("mix")
-                .all(|s| s.how == How::Inline && s.written)
-            && mix(black_box(3)) == mix_expected("bmi2", 3);
-        // SAFETY: ends the child without running the parent's atexit handlers or test harness.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
-    let mut status = 0;
-    // SAFETY: waits for the child just forked.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child status {status:#x}"
-    );
+                .all(|s| s.how == How::Inline && s.written),
+            "{report}"
+        );
+        assert_eq!(mix(black_box(3)), mix_expected("bmi2", 3));
+    });
     assert_eq!(
         mix(black_box(3)),
         mix_expected("default", 3),

@@ -1,6 +1,8 @@
 //! `alternative_asm!`: multi-way inline sequences, padded at build time, with replacements that
 //! are relocated when copied: a RIP-relative `lea` and a `call` in non-first position, executed
-//! after patching (in the spirit of the kernel's alternatives relocation self-test).
+//! after patching (in the spirit of the kernel's alternatives relocation self-test). A sequence
+//! of several instructions is rewritten only with no other thread running (a thread may be
+//! stopped between them), as the kernel applies its alternatives before other CPUs start.
 
 mod common;
 
@@ -43,6 +45,23 @@ fn lookup(i: u64) -> u64 {
 fn relocated_lea_and_call_run_after_patching() {
     let _lock = patch_lock();
     assert_eq!(lookup(black_box(2)), 30, "unpatched default");
+    in_forked_child(patch_each_candidate_and_run_it);
+}
+
+#[test]
+fn a_sequence_is_not_rewritten_while_other_threads_run() {
+    let _lock = patch_lock();
+    let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
+    assert!(report.stats.live, "the harness's threads run");
+    let site = report.site("reloc_selftest").next().unwrap();
+    assert!(!site.written, "{report}");
+    assert_eq!(site.how, How::Unpatched);
+    assert!(site.why.contains("stopped between them"), "{}", site.why);
+    assert_eq!(lookup(black_box(2)), 30, "still the default");
+    assert_eq!(decode_site(site)[1].mnemonic(), Mnemonic::Mov);
+}
+
+fn patch_each_candidate_and_run_it() {
     for (features, chosen, expected) in [
         (&[Feature::Avx2][..], "avx2", 31),
         (&[Feature::Bmi2][..], "bmi2", 60),

@@ -157,6 +157,8 @@ impl Patcher {
         // borrows them (no allocation and no reference count per site).
         let mut selected: AddressMap<Selected> = AddressMap::default();
         let mut scratch = Scratch::default();
+        // Sites of one name move together (see `SiteWrite::group`); named once per descriptor.
+        let mut groups: HashMap<&'static str, u32> = HashMap::new();
         for rec in records {
             if !record::is_understood(rec) {
                 report
@@ -174,7 +176,9 @@ impl Patcher {
                     },
                     None => select::select(desc, &report.cpu, &overrides),
                 };
+                let next = groups.len() as u32;
                 Selected {
+                    group: *groups.entry(desc.name).or_insert(next),
                     why: intern(why_selected(desc, &selection)),
                     selection,
                     candidates: candidate_names(desc),
@@ -200,7 +204,8 @@ impl Patcher {
                         (None, how) if how != How::Unpatched => entry.already_in_place(),
                         _ => entry.why,
                     };
-                    if let Some(write) = write {
+                    if let Some(mut write) = write {
+                        write.group = Some(entry.group);
                         written_sites.push(report.sites.len());
                         writes.push(write);
                     }
@@ -308,6 +313,8 @@ fn site_report(
 /// What one apply decided for a descriptor, shared by the reports of all its inlined copies.
 struct Selected {
     selection: Selection,
+    /// The write group of the descriptor's name.
+    group: u32,
     why: &'static str,
     candidates: &'static [&'static str],
     already_in_place: Option<&'static str>,
@@ -457,7 +464,7 @@ fn plan_record(
     // only the patcher (whose lock we hold) writes it.
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
-    let shape = plan::plan_site_into(
+    let plan::Planned { shape, live } = plan::plan_site_into(
         site as u64,
         current,
         blocks,
@@ -472,6 +479,8 @@ fn plan_record(
         new: SiteBytes::from_slice(planned),
         shape,
         old: SiteBytes::from_slice(current),
+        live,
+        group: None,
     });
     Ok((selection, shape, write))
 }

@@ -64,6 +64,60 @@ impl Shape {
     }
 }
 
+/// Whether new bytes may replace a site's bytes while other threads run.
+///
+/// A thread can stop anywhere an instruction of the old bytes ends (preempted there, or returning
+/// from a `call` in them) and resume later in whatever the site holds by then. The int3 protocol
+/// covers threads arriving at byte 0; these places must be covered by the bytes themselves: each
+/// must start filler in the new bytes, byte for byte the filler that is there now. The kernel's
+/// live patching (`text_poke_bp`) meets this by replacing one instruction with one of the same
+/// length; its multi-instruction alternatives are applied before other CPUs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveWrite {
+    /// Every place a thread may resume in the old bytes starts the same filler in the new ones.
+    Safe,
+    /// The old bytes hold several instructions; a thread may be stopped between them.
+    OldSequence,
+    /// A thread stopped after the old instruction (or returning from the old `call`) resumes at
+    /// byte `at`, inside the new instructions.
+    InsideNew {
+        /// The resume offset.
+        at: usize,
+    },
+}
+
+impl LiveWrite {
+    /// Whether the write is safe with other threads running.
+    pub fn is_safe(&self) -> bool {
+        *self == LiveWrite::Safe
+    }
+}
+
+impl fmt::Display for LiveWrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LiveWrite::Safe => f.write_str("safe with threads running"),
+            LiveWrite::OldSequence => f.write_str(
+                "the site holds several instructions now and a thread may be stopped between them",
+            ),
+            LiveWrite::InsideNew { at } => write!(
+                f,
+                "a thread stopped after the old instruction (or returning from its call) would \
+                 resume at byte {at}, inside the new instructions"
+            ),
+        }
+    }
+}
+
+/// What [`plan_site_into`] planned, besides the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// What the new bytes do, for the trap handler and the report.
+    pub shape: Shape,
+    /// Whether they may be written while other threads run.
+    pub live: LiveWrite,
+}
+
 /// The bytes to write at one site.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -73,6 +127,8 @@ pub struct Plan {
     pub bytes: Vec<u8>,
     /// What the new bytes do, for the trap handler and the report.
     pub shape: Shape,
+    /// Whether they may be written while other threads run.
+    pub live: LiveWrite,
 }
 
 /// Why a site was not planned.
@@ -369,16 +425,19 @@ pub fn plan_site(
     chosen: usize,
 ) -> Result<Plan, Refusal> {
     let mut bytes = Vec::with_capacity(current.len());
-    let shape = plan_site_into(site_ip, current, candidates, names, chosen, &mut bytes)?;
+    let Planned { shape, live } =
+        plan_site_into(site_ip, current, candidates, names, chosen, &mut bytes)?;
     Ok(Plan {
         ip: site_ip,
-        shape,
         bytes,
+        shape,
+        live,
     })
 }
 
 /// [`plan_site`] into a buffer the caller reuses from site to site: `bytes` is replaced by the
-/// new bytes, and the shape is returned. A site found already in place then costs no allocation.
+/// new bytes, and their shape is returned. A site found already in place then costs no
+/// allocation.
 pub fn plan_site_into(
     site_ip: u64,
     current: &[u8],
@@ -386,7 +445,7 @@ pub fn plan_site_into(
     names: &[&str],
     chosen: usize,
     bytes: &mut Vec<u8>,
-) -> Result<Shape, Refusal> {
+) -> Result<Planned, Refusal> {
     bytes.clear();
     let site = Block {
         bytes: current,
@@ -415,7 +474,8 @@ pub fn plan_site_into(
         }
         Ok(relocated)
     };
-    let mut recognised = false;
+    // The length of the instructions the site holds now, before their filler.
+    let mut old_body = None;
     for i in order.clone() {
         let relocated = relocate_at_site(i)?;
         let body = relocated.bytes();
@@ -423,11 +483,11 @@ pub fn plan_site_into(
             bytes.extend_from_slice(body);
         }
         if current.starts_with(body) && is_known_filler(&current[body.len()..]) {
-            recognised = true;
+            old_body = Some(body.len());
             break;
         }
     }
-    if !recognised {
+    if old_body.is_none() {
         for i in order {
             let relocated = relocate_at_site(i)?;
             let instrs = decode(Block {
@@ -435,19 +495,37 @@ pub fn plan_site_into(
                 ip: site_ip,
             })
             .map_err(|d| undecodable(name(i), d))?;
-            if matches_block(site, &instrs).is_some() {
-                recognised = true;
+            old_body = matches_block(site, &instrs);
+            if old_body.is_some() {
                 break;
             }
         }
     }
-    if !recognised {
+    let Some(old_body) = old_body else {
         return Err(Refusal::UnexpectedBytes {
             found: current.to_vec(),
         });
-    }
+    };
     let body_len = bytes.len();
-    fill_nops(bytes, current.len() - body_len);
+    // Fill so that where a thread may resume in the old bytes, the new ones hold the same filler.
+    let live = match first_stop(site, old_body) {
+        Stop::Nowhere => {
+            fill_nops(bytes, current.len() - body_len);
+            LiveWrite::Safe
+        }
+        Stop::At(at) if body_len <= at => {
+            fill_nops(bytes, at - body_len);
+            bytes.extend_from_slice(&current[at..]);
+            LiveWrite::Safe
+        }
+        stop => {
+            fill_nops(bytes, current.len() - body_len);
+            match stop {
+                Stop::At(at) => LiveWrite::InsideNew { at },
+                _ => LiveWrite::OldSequence,
+            }
+        }
+    };
     let shape = match simple_shape(&bytes[..body_len], site_ip) {
         Some(shape) if bytes[..] == *current => shape, // already in place: nothing will be written
         // Decode what will be written, once more: it must be the intended instructions and
@@ -467,7 +545,57 @@ pub fn plan_site_into(
             shape_of(&instrs, body_len)
         }
     };
-    Ok(shape)
+    Ok(Planned { shape, live })
+}
+
+/// The first place past byte 0 where a thread may stop in a site's bytes and resume later.
+enum Stop {
+    /// None: the site is one instruction that never falls through (`jmp`, `ret`), or it is
+    /// one instruction long.
+    Nowhere,
+    /// At this offset: after the site's one instruction (where a `call` returns), or after its
+    /// first filler instruction when it has none.
+    At(usize),
+    /// Between the site's own instructions: it holds several.
+    Between,
+}
+
+/// Where a thread may stop in `site`, whose instructions take `body_len` bytes before filler.
+fn first_stop(site: Block<'_>, body_len: usize) -> Stop {
+    let bytes = site.bytes;
+    let end = match simple_shape(&bytes[..body_len], site.ip) {
+        Some(Shape::Jump { .. }) => return Stop::Nowhere,
+        Some(Shape::Call { .. }) => body_len,
+        // Only filler: a thread may stop after its first instruction (a `jmp rel8` lands past
+        // the `int3`s it skips).
+        Some(Shape::Nop) => match bytes {
+            [] => return Stop::Nowhere,
+            [JMP_REL8, skip, ..] => 2 + usize::from(*skip),
+            _ => match NOPS[1..].iter().find(|nop| bytes.starts_with(nop)) {
+                Some(nop) => nop.len(),
+                None => first_instruction(site).len(),
+            },
+        },
+        _ => {
+            let first = first_instruction(site);
+            if first.len() < body_len {
+                return Stop::Between;
+            }
+            if matches!(first.mnemonic(), Mnemonic::Jmp | Mnemonic::Ret) {
+                return Stop::Nowhere;
+            }
+            body_len
+        }
+    };
+    if end < bytes.len() {
+        Stop::At(end)
+    } else {
+        Stop::Nowhere
+    }
+}
+
+fn first_instruction(site: Block<'_>) -> Instruction {
+    Decoder::with_ip(64, site.bytes, site.ip, DecoderOptions::NONE).decode()
 }
 
 fn mismatch() -> Refusal {
@@ -615,12 +743,12 @@ mod tests {
             ip: SITE,
         })
         .unwrap();
-        assert_eq!(instrs.len(), 2);
         assert!(
             instrs[0].mnemonic() == Mnemonic::Call && instrs[0].near_branch_target() == 0x50_1000
         );
-        assert_eq!(instrs[1].len(), 3);
-        assert_eq!(instrs[1].mnemonic(), Mnemonic::Nop);
+        // The old call returns to byte 5: the padding from there on is left as it is.
+        assert_eq!(plan.bytes[5..], site[5..]);
+        assert_eq!(plan.live, LiveWrite::Safe);
     }
 
     #[test]
@@ -761,7 +889,81 @@ mod tests {
         ];
         let plan = plan_site(SITE, &site, &blocks, &["default", "popcnt"], 0).unwrap();
         assert_eq!(plan.shape, Shape::Call { target: 0x50_0000 });
-        assert_eq!(&plan.bytes[5..], NOPS[2]);
+        assert_eq!(plan.bytes[5..], [0x90; 2]);
+        assert_eq!(plan.live, LiveWrite::Safe);
+    }
+
+    /// A call site of 10 bytes as built (`call`, then `0x90` padding) and its blocks: the
+    /// default, a 3-byte `lea eax, [rdi + 1]`, a 10-byte `movabs`, and `inc edi; mov eax, edi`.
+    fn ten_byte_site() -> (Vec<u8>, [Vec<u8>; 4]) {
+        let default = call_at(REPL, 0x50_0000);
+        let mut site = call_at(SITE, 0x50_0000);
+        site.resize(10, 0x90);
+        let short = vec![0x8d, 0x47, 0x01];
+        let long = vec![0x48, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8];
+        let pair = vec![0xff, 0xc7, 0x89, 0xf8];
+        (site, [default, short, long, pair])
+    }
+
+    fn blocks_of(blocks: &[Vec<u8>]) -> Vec<Block<'_>> {
+        (0..blocks.len())
+            .map(|i| Block {
+                bytes: &blocks[i],
+                ip: REPL + 16 * i as u64,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn where_a_call_returns_the_new_bytes_hold_the_old_filler() {
+        let (site, blocks) = ten_byte_site();
+        let blocks = blocks_of(&blocks);
+        let names = ["default", "short", "long", "pair"];
+        let short = plan_site(SITE, &site, &blocks, &names, 1).unwrap();
+        assert_eq!(short.live, LiveWrite::Safe);
+        assert_eq!(short.bytes[..3], [0x8d, 0x47, 0x01]);
+        assert_eq!(short.bytes[3..5], *NOPS[2]);
+        assert_eq!(short.bytes[5..], site[5..]);
+        // Longer than the call: a thread returning to byte 5 would land inside it.
+        let long = plan_site(SITE, &site, &blocks, &names, 2).unwrap();
+        assert_eq!(long.live, LiveWrite::InsideNew { at: 5 });
+        assert!(long.live.to_string().contains("resume at byte 5"));
+        // From the 3-byte lea, back to the 5-byte call: byte 3 is where a thread may stop.
+        let back = plan_site(SITE, &short.bytes, &blocks, &names, 0).unwrap();
+        assert_eq!(back.live, LiveWrite::InsideNew { at: 3 });
+        // Two instructions: a thread may be stopped between them, whatever comes next.
+        let pair = plan_site(SITE, &site, &blocks, &names, 3).unwrap();
+        assert_eq!(pair.live, LiveWrite::Safe);
+        let from_pair = plan_site(SITE, &pair.bytes, &blocks, &names, 1).unwrap();
+        assert_eq!(from_pair.live, LiveWrite::OldSequence);
+    }
+
+    #[test]
+    fn a_site_that_never_falls_through_or_is_one_instruction_long_is_safe_live() {
+        // A branch site: `jmp` over padding, to NOPs and back.
+        let jmp = {
+            let mut v = vec![0xe9];
+            v.extend_from_slice(&(0x1000i32 - 5).to_le_bytes());
+            v
+        };
+        let mut site = jmp.clone();
+        site.extend([0x90; 3]);
+        let blocks = [
+            Block {
+                bytes: &jmp,
+                ip: SITE,
+            },
+            Block {
+                bytes: &[],
+                ip: REPL,
+            },
+        ];
+        let nop = plan_site(SITE, &site, &blocks, &["default", "nop"], 1).unwrap();
+        assert_eq!(nop.live, LiveWrite::Safe);
+        assert_eq!(nop.bytes, NOPS[8]);
+        // One 8-byte NOP: nowhere to stop inside it.
+        let back = plan_site(SITE, &nop.bytes, &blocks, &["default", "nop"], 0).unwrap();
+        assert_eq!(back.live, LiveWrite::Safe);
     }
 
     #[test]

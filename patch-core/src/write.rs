@@ -13,12 +13,18 @@
 //! SIGTRAP handler moves it to where the new bytes would take it (call, jump, past NOPs) or, for
 //! several inline instructions, waits for step 3 and runs them. A batch costs three serializations
 //! whatever its size. With no other thread, the bytes are written directly.
+//!
+//! The int3 covers threads arriving at byte 0. A thread may also be stopped further in, where an
+//! old instruction ends (preempted there, or returning from an old `call`); the planner keeps the
+//! filler there byte for byte (see [`LiveWrite`]). Where it cannot (the new instructions are
+//! longer than the old call, or the site holds several instructions now), the site is not written
+//! while other threads run, nor are the other sites of its name (see [`SiteWrite::group`]).
 
 use std::ops::Range;
 
 use smallvec::SmallVec;
 
-use crate::plan::{Plan, Shape};
+use crate::plan::{LiveWrite, Plan, Shape};
 
 /// A way to write the program's text: page-protection flipping, `/proc/self/mem`, or a test double.
 pub trait TextWriter: Send {
@@ -58,16 +64,25 @@ pub struct SiteWrite {
     pub shape: Shape,
     /// The bytes there now (restored if the batch fails half-way through a site).
     pub old: SiteBytes,
+    /// Whether the new bytes may be written while other threads run.
+    pub live: LiveWrite,
+    /// Sites of one group (apply: of one name) move together: with threads running, a site that
+    /// cannot be written holds back the others, so a protocol spread over several sites (a
+    /// lock's slow path and its unlock) never runs half one variant, half another. `None`: a
+    /// group of its own.
+    pub group: Option<u32>,
 }
 
 impl SiteWrite {
-    /// Writes `plan` over `old`, the bytes at its site now.
+    /// Writes `plan` over `old`, the bytes at its site now, as a group of its own.
     pub fn new(plan: &Plan, old: &[u8]) -> SiteWrite {
         SiteWrite {
             ip: plan.ip,
             new: SiteBytes::from_slice(&plan.bytes),
             shape: plan.shape,
             old: SiteBytes::from_slice(old),
+            live: plan.live,
+            group: None,
         }
     }
 }
@@ -198,6 +213,28 @@ pub fn write_batch(
                 .filter(|r| r.is_ok())
                 .for_each(|r| *r = Err(why.clone()));
         }
+        // A thread may be stopped inside these sites' old bytes, where the new bytes would not
+        // take it back (see `LiveWrite`); they, and their groups, keep what they run until no
+        // other thread runs.
+        let held: Vec<u32> = sites
+            .iter()
+            .filter(|s| !s.live.is_safe())
+            .filter_map(|s| s.group)
+            .collect();
+        for (result, site) in results.iter_mut().zip(sites) {
+            if result.is_err() {
+                continue;
+            }
+            if !site.live.is_safe() {
+                *result = Err(format!("other threads are running and {}", site.live));
+            } else if site.group.is_some_and(|g| held.contains(&g)) {
+                *result = Err(
+                    "other threads are running and another site of its name cannot \
+                     be rewritten now (sites of one name move together)"
+                        .into(),
+                );
+            }
+        }
     }
     let pending: Vec<usize> = (0..sites.len()).filter(|&i| results[i].is_ok()).collect();
 
@@ -288,6 +325,8 @@ mod tests {
             new: SiteBytes::from_elem(0x90, len),
             shape: Shape::Nop,
             old: SiteBytes::from_elem(0x90, len),
+            live: LiveWrite::Safe,
+            group: None,
         }
     }
 

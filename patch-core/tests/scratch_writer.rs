@@ -19,9 +19,11 @@ fn a_scratch_function_is_rewritten_and_its_page_protection_restored() {
     let call = || unsafe { std::mem::transmute::<usize, extern "C" fn() -> u32>(addr)() };
     assert_eq!(call(), 1);
 
-    // The site is the 8 bytes before `ret`; candidates: `mov eax, 1` and `mov eax, 2; inc eax`.
+    // The site is the 8 bytes before `ret`; candidates: `mov eax, 1` and `xor eax, eax;
+    // mov al, 3` (no longer than the `mov`: the harness's threads make this write live, and a
+    // thread may be stopped after the `mov`).
     let default = [0xb8, 0x01, 0x00, 0x00, 0x00];
-    let three = [0xb8, 0x02, 0x00, 0x00, 0x00, 0xff, 0xc0];
+    let three = [0x31, 0xc0, 0xb0, 0x03];
     let blocks = [
         Block {
             bytes: &default,

@@ -9,7 +9,7 @@
 //!
 //! The hybrid lock ([`RawPvLock`](crate::RawPvLock), in [`pvlock`](crate::pvlock)) adds two more
 //! under the same name and candidate table, so the same choice covers it: its slow path (a call
-//! to a spinning, a parking or a yielding slow path) and its unlock (`mov dword ptr [rdi], 0`
+//! to a spinning, a parking or a yielding slow path) and its unlock (`mov byte ptr [rdi], 0`
 //! inline, or a call to the unlock that may hand over and wake). [`force`] and [`chosen`] cover
 //! both locks.
 //!
@@ -190,7 +190,11 @@ pub(crate) unsafe fn unlock_kick(lock: *const Tickets, ticket: u32) {
 
 /// The unlock: `native` is one plain `add` of `TICKET_INC` to `head`: a release, since x86 stores
 /// are releases and the asm block is a compiler barrier; not `lock`ed, since the owner is the only
-/// writer of the ticket bits and nobody sets the flag in that mode.
+/// writer of the ticket bits and nobody sets the flag in that mode. It carries two `ds` prefixes
+/// (ignored in 64-bit mode; the kernel pads its 5-byte `xor eax, eax` with `cs` the same way) to
+/// be one instruction as long as the default's `call`: a thread returning from that call, or
+/// stopped after the `add`, resumes past the site whatever it holds by then, so every variant
+/// can replace every other while threads run (see `altpatch::LiveWrite`).
 ///
 /// # Safety
 /// The caller holds the lock.
@@ -199,8 +203,8 @@ pub(crate) unsafe fn unlock_kick(lock: *const Tickets, ticket: u32) {
     inline,
     name = "pv_lock",
     futex: all(hypervisor, not(kvm_hints_realtime)) => pv_unlock,
-    sched_yield: when = only_if_forced => asm("add dword ptr [rdi], 2"),
-    native: any(not(hypervisor), kvm_hints_realtime) => asm("add dword ptr [rdi], 2"),
+    sched_yield: when = only_if_forced => asm("ds ds add dword ptr [rdi], 2"),
+    native: any(not(hypervisor), kvm_hints_realtime) => asm("ds ds add dword ptr [rdi], 2"),
 )]
 pub(crate) unsafe fn unlock(lock: *const Tickets) {
     // SAFETY: forwarded from the caller.

@@ -47,7 +47,7 @@ pub(crate) const WANT: u32 = 1 << 3;
 /// the same waiter when it wakes.
 pub(crate) const PARKED_ONE: u32 = 1 << 8;
 
-/// The lock word. First in the lock: the native unlock is `mov dword ptr [rdi], 0` on the lock's
+/// The lock word. First in the lock: the native unlock is `mov byte ptr [rdi], 0` on the lock's
 /// address, and the futex waits on that same address.
 #[repr(C)]
 pub(crate) struct Word {
@@ -179,7 +179,7 @@ impl Backoff {
 ///
 /// | `pv_lock` | slow path (a `pv_lock` call site) | unlock (a `pv_lock` site) |
 /// |---|---|---|
-/// | `native` | keep spinning and stealing | `mov dword ptr [rdi], 0` inline (a release store) |
+/// | `native` | keep spinning and stealing | `mov byte ptr [rdi], 0` inline (a release store) |
 /// | `futex` | park in the futex; woken, spin and steal again; past [`FAIR_TIMEOUT`] set `WANT` and spin until handed the lock | `cmpxchg`: release, or hand over if `WANT`; wake one sleeper if some are parked and none is `WAKING` |
 /// | `sched_yield` | steal, `sched_yield()` every `SPINS` | as `native` |
 /// | `default` (unpatched) | as `sched_yield` | as `futex` |
@@ -413,7 +413,10 @@ pub(crate) unsafe fn lock_slowpath(word: *const Word, spins: u32) {
 
 /// The unlock: `native` is one plain store of 0 (a release: x86 stores are releases and the asm
 /// block is a compiler barrier). Under `native` and `sched_yield` the word is only ever 0 or
-/// `LOCKED` (nothing parks, nothing asks for a handoff), so the store loses nothing.
+/// `LOCKED` (nothing parks, nothing asks for a handoff), so the store loses nothing, and storing
+/// the low byte is storing the word. Like the ticket lock's `add`, it is padded with `ds`
+/// prefixes to one instruction as long as the default's `call`, so every variant can replace
+/// every other while threads run.
 ///
 /// # Safety
 /// The caller holds the lock.
@@ -422,8 +425,8 @@ pub(crate) unsafe fn lock_slowpath(word: *const Word, spins: u32) {
     inline,
     name = "pv_lock",
     futex: all(hypervisor, not(kvm_hints_realtime)) => futex_unlock,
-    sched_yield: when = only_if_forced => asm("mov dword ptr [rdi], 0"),
-    native: any(not(hypervisor), kvm_hints_realtime) => asm("mov dword ptr [rdi], 0"),
+    sched_yield: when = only_if_forced => asm("ds ds mov byte ptr [rdi], 0"),
+    native: any(not(hypervisor), kvm_hints_realtime) => asm("ds ds mov byte ptr [rdi], 0"),
 )]
 pub(crate) unsafe fn unlock(word: *const Word) {
     // SAFETY: forwarded from the caller.
@@ -653,7 +656,7 @@ pub(crate) unsafe fn lock_slowpath(word: *const Word, spins: u32) {
 #[cfg(loom)]
 pub(crate) unsafe fn unlock(word: *const Word) {
     match pv::model::variant() {
-        // `mov dword ptr [rdi], 0`.
+        // `mov byte ptr [rdi], 0` on a word that is `LOCKED`: the word becomes 0.
         // SAFETY: the caller holds the lock.
         PvLock::Native | PvLock::SchedYield => unsafe { &*word }.state().store(0, Release),
         // SAFETY: forwarded from the caller.

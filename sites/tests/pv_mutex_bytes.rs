@@ -1,6 +1,6 @@
 //! The hybrid lock's `pv_lock` sites after apply, read back and decoded: `native` makes the
 //! slow-path op a call to the spinning slow path and the unlock one inline
-//! `mov dword ptr [rdi], 0`; `futex` makes both calls; `sched_yield` calls its yielding slow path
+//! `mov byte ptr [rdi], 0`; `futex` makes both calls; `sched_yield` calls its yielding slow path
 //! and inlines the native unlock; `default` calls the defaults. Selection follows the ticket
 //! lock's (same name, same candidate table), and the lock works after each.
 #![cfg(not(loom))]
@@ -51,7 +51,12 @@ fn assert_native_unlock(site: &SiteReport) {
     assert_eq!(mov.op0_kind(), OpKind::Memory);
     assert_eq!(mov.memory_base(), Register::RDI);
     assert_eq!(mov.memory_displacement64(), 0, "the word is at offset 0");
-    assert_eq!(mov.memory_size(), MemorySize::UInt32, "the whole word");
+    assert_eq!(
+        mov.memory_size(),
+        MemorySize::UInt8,
+        "the low byte (the word is LOCKED)"
+    );
+    assert_eq!(mov.len(), 5, "as long as the call a thread may return from");
     assert_eq!(mov.immediate(1), 0);
     assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
 }

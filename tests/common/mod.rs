@@ -2,10 +2,14 @@
 //! result tells which candidate ran.
 #![allow(dead_code)]
 
+mod fork;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use altpatch::{Cpu, Feature, FeatureSet, SiteReport, TextWriter};
+#[allow(unused_imports)]
+pub use fork::in_forked_child;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 
 pub fn mix_avx2(x: u64) -> u64 {

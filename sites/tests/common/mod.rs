@@ -2,6 +2,11 @@
 //! CPUs, and a contended workload with a watchdog.
 #![allow(dead_code)]
 
+#[path = "../../../tests/common/fork.rs"]
+mod fork;
+#[allow(unused_imports)]
+pub use fork::in_forked_child;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
