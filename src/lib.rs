@@ -78,8 +78,11 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 ///
 /// **Trampoline mode** (the default) works for any non-generic function or inherent method:
 /// callers make a direct `call` to a per-function trampoline whose `jmp` is retargeted to the
-/// winner. A candidate with another signature is a type error; `#[target_feature]` candidates
-/// are fine (their shim gets the features the predicate guarantees).
+/// winner. When the winner's compiled body is short straight-line code through its `ret` (up to
+/// the trampoline's 16 bytes: a `popcnt; ret`) and no other thread runs, the trampoline holds a
+/// copy of that body instead of the `jmp`, so a call through it costs what a direct call costs.
+/// A candidate with another signature is a type error; `#[target_feature]` candidates are fine
+/// (their shim gets the features the predicate guarantees).
 ///
 /// ```
 /// #[target_feature(enable = "avx2")]

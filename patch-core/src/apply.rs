@@ -412,6 +412,67 @@ struct Scratch {
     blocks: Vec<Block<'static>>,
     names: Vec<&'static str>,
     planned: Vec<u8>,
+    /// Whether a trampoline may take its candidate's body in place of its `jmp`: only with no
+    /// other thread running, since a site holding several instructions cannot be rewritten
+    /// again while threads run (`LiveWrite::OldSequence`). Read at the first trampoline.
+    inline_bodies: Option<bool>,
+    /// Every site's range, sorted, made at the first trampoline: a body holding a site is not
+    /// copied (the copy would miss that site's later patches).
+    site_ranges: Option<Vec<(usize, usize)>>,
+}
+
+impl Scratch {
+    fn inline_bodies(&mut self) -> bool {
+        *self.inline_bodies.get_or_insert_with(|| {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            return crate::os::linux::thread_count() == Some(1);
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            false
+        })
+    }
+
+    fn holds_a_site(&mut self, start: usize, len: usize) -> bool {
+        let ranges = self.site_ranges.get_or_insert_with(|| {
+            let mut ranges: Vec<(usize, usize)> = record::records()
+                .iter()
+                .map(|r| (r.site_addr(), usize::from(r.len)))
+                .collect();
+            ranges.sort_unstable();
+            ranges
+        });
+        // The last site starting before `start + len` is the only one that can overlap.
+        let i = ranges.partition_point(|&(s, _)| s < start + len);
+        i > 0 && ranges[i - 1].0 + ranges[i - 1].1 > start
+    }
+}
+
+/// The straight-line body of the function a trampoline candidate (`jmp target`) jumps to, read
+/// from memory, when a trampoline of `len` bytes may hold a copy of it.
+fn trampoline_body(
+    block: Block<'static>,
+    len: usize,
+    memory: &crate::os::MemoryMap,
+    scratch: &mut Scratch,
+) -> Option<Block<'static>> {
+    let [0xe9, rel @ ..] = block.bytes else {
+        return None;
+    };
+    let rel = i32::from_le_bytes(rel.try_into().ok()?);
+    let target = (block.ip + 5).wrapping_add_signed(i64::from(rel)) as usize;
+    if !memory.is_executable(target, len) || scratch.holds_a_site(target, len) {
+        return None;
+    }
+    // SAFETY: checked to be mapped and executable (hence readable on x86_64); program text.
+    let code = unsafe { core::slice::from_raw_parts(target as *const u8, len) };
+    let code = Block {
+        bytes: code,
+        ip: target as u64,
+    };
+    let body = plan::straight_line_body(code)?;
+    Some(Block {
+        bytes: &code.bytes[..body],
+        ip: code.ip,
+    })
 }
 
 /// Selects and plans one record, or says why it is left alone.
@@ -439,11 +500,8 @@ fn plan_record(
             "site {site:#x}+{len} is not in executable memory; left alone"
         ));
     }
-    let Scratch {
-        blocks,
-        names,
-        planned,
-    } = scratch;
+    let trampoline = rec.kind() == Some(record::SiteKind::Trampoline);
+    let Scratch { blocks, names, .. } = scratch;
     blocks.clear();
     names.clear();
     names.extend(desc.candidate_names());
@@ -464,15 +522,37 @@ fn plan_record(
     // only the patcher (whose lock we hold) writes it.
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
-    let plan::Planned { shape, live } = plan::plan_site_into(
-        site as u64,
-        current,
-        blocks,
-        names,
-        selection.index,
-        planned,
-    )
-    .map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
+    let planned = if trampoline {
+        let blocks = std::mem::take(&mut scratch.blocks);
+        let bodies: Vec<Option<Block<'static>>> = blocks
+            .iter()
+            .map(|b| trampoline_body(*b, len, memory, scratch))
+            .collect();
+        let planned = plan::plan_trampoline_into(
+            site as u64,
+            current,
+            &blocks,
+            &bodies,
+            scratch.inline_bodies(),
+            &scratch.names,
+            selection.index,
+            &mut scratch.planned,
+        );
+        scratch.blocks = blocks;
+        planned
+    } else {
+        plan::plan_site_into(
+            site as u64,
+            current,
+            &scratch.blocks,
+            &scratch.names,
+            selection.index,
+            &mut scratch.planned,
+        )
+    };
+    let plan::Planned { shape, live } =
+        planned.map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
+    let planned = &scratch.planned;
     // Only a site that changes gets its own copies of the old and new bytes.
     let write = (planned[..] != *current).then(|| SiteWrite {
         ip: site as u64,

@@ -598,6 +598,84 @@ fn first_instruction(site: Block<'_>) -> Instruction {
     Decoder::with_ip(64, site.bytes, site.ip, DecoderOptions::NONE).decode()
 }
 
+/// [`plan_site_into`] for a trampoline, whose candidates are each a `jmp` to a function:
+/// `bodies[k]`, where given, is candidate k's function when [`straight_line_body`] accepts it.
+/// With `inline_body`, the chosen candidate's body, when it fits, is written in place of its
+/// `jmp`: a call through the trampoline then runs exactly what a direct call runs. (The kernel's
+/// `static_call` writes a bare `ret` into its trampolines for an empty function the same way.)
+/// Either form of any candidate is recognised as the site's current bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_trampoline_into(
+    site_ip: u64,
+    current: &[u8],
+    candidates: &[Block<'_>],
+    bodies: &[Option<Block<'_>>],
+    inline_body: bool,
+    names: &[&str],
+    chosen: usize,
+    bytes: &mut Vec<u8>,
+) -> Result<Planned, Refusal> {
+    let mut forms = candidates.to_vec();
+    let mut form_names: Vec<&str> = (0..candidates.len())
+        .map(|i| names.get(i).copied().unwrap_or("candidate"))
+        .collect();
+    let mut chosen_form = chosen;
+    for (k, body) in bodies.iter().enumerate() {
+        let Some(body) = body else { continue };
+        if !relocated(*body, site_ip).is_ok_and(|r| r.bytes().len() <= current.len()) {
+            continue;
+        }
+        if k == chosen && inline_body {
+            chosen_form = forms.len();
+        }
+        forms.push(*body);
+        form_names.push(form_names.get(k).copied().unwrap_or("candidate"));
+    }
+    plan_site_into(site_ip, current, &forms, &form_names, chosen_form, bytes)
+}
+
+/// The length of `code`'s straight-line start through its first `ret`: instructions that
+/// neither branch, call nor trap, then a plain `ret`. Such code runs the same from any address
+/// once its RIP-relative operands are relocated, so a trampoline may hold a copy of it. `None`
+/// when `code` holds anything else before a `ret`, or no `ret` at all.
+pub fn straight_line_body(code: Block<'_>) -> Option<usize> {
+    let mut decoder = Decoder::with_ip(64, code.bytes, code.ip, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            return None;
+        }
+        if instr.code() == Code::Retnq {
+            return Some(decoder.position());
+        }
+        let leaves = is_near_branch(&instr)
+            || matches!(
+                instr.mnemonic(),
+                Mnemonic::Jmp
+                    | Mnemonic::Call
+                    | Mnemonic::Ret
+                    | Mnemonic::Retf
+                    | Mnemonic::Int3
+                    | Mnemonic::Int
+                    | Mnemonic::Int1
+                    | Mnemonic::Into
+                    | Mnemonic::Ud0
+                    | Mnemonic::Ud1
+                    | Mnemonic::Ud2
+                    | Mnemonic::Iret
+                    | Mnemonic::Iretd
+                    | Mnemonic::Iretq
+                    | Mnemonic::Syscall
+                    | Mnemonic::Sysenter
+                    | Mnemonic::Hlt
+            );
+        if leaves {
+            return None;
+        }
+    }
+    None
+}
+
 fn mismatch() -> Refusal {
     Refusal::Undecodable {
         block: "result".into(),
@@ -964,6 +1042,80 @@ mod tests {
         // One 8-byte NOP: nowhere to stop inside it.
         let back = plan_site(SITE, &nop.bytes, &blocks, &["default", "nop"], 0).unwrap();
         assert_eq!(back.live, LiveWrite::Safe);
+    }
+
+    #[test]
+    fn straight_line_bodies_end_at_their_ret_and_nothing_else_is_one() {
+        static POPCNT_RET: [u8; 8] = [0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0xc3, 0xcc, 0xcc];
+        let at = |bytes: &'static [u8]| Block { bytes, ip: REPL };
+        assert_eq!(straight_line_body(at(&POPCNT_RET)), Some(6));
+        assert_eq!(straight_line_body(at(&[0xc3])), Some(1));
+        // lea rax, [rip + 0x10]; ret: RIP-relative is fine (relocated).
+        assert_eq!(
+            straight_line_body(at(&[0x48, 0x8d, 0x05, 0x10, 0, 0, 0, 0xc3])),
+            Some(8)
+        );
+        assert_eq!(straight_line_body(at(&[0x74, 0x01, 0xc3])), None, "jz");
+        assert_eq!(
+            straight_line_body(at(&[0xe8, 0, 0, 0, 0, 0xc3])),
+            None,
+            "call"
+        );
+        assert_eq!(straight_line_body(at(&[0xff, 0xe0])), None, "jmp rax");
+        assert_eq!(straight_line_body(at(&[0xcc, 0xc3])), None, "int3");
+        assert_eq!(straight_line_body(at(&[0xc2, 0x08, 0x00])), None, "ret 8");
+        assert_eq!(straight_line_body(at(&[0x90, 0x90])), None, "no ret");
+    }
+
+    #[test]
+    fn a_trampoline_holds_the_chosen_body_and_is_recognised_in_either_form() {
+        let jmp_to = |from: u64, to: u64| {
+            let mut v = vec![0xe9];
+            v.extend_from_slice(&((to as i64 - (from as i64 + 5)) as i32).to_le_bytes());
+            v
+        };
+        let (default_fn, popcnt_fn) = (0x50_0000u64, 0x50_1000u64);
+        let blocks = [jmp_to(REPL, default_fn), jmp_to(REPL + 8, popcnt_fn)];
+        let blocks = [
+            Block {
+                bytes: &blocks[0],
+                ip: REPL,
+            },
+            Block {
+                bytes: &blocks[1],
+                ip: REPL + 8,
+            },
+        ];
+        let popcnt_ret = [0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0xc3];
+        let bodies = [
+            None,
+            Some(Block {
+                bytes: &popcnt_ret,
+                ip: popcnt_fn,
+            }),
+        ];
+        let mut site = jmp_to(SITE, default_fn);
+        site.resize(16, 0x90);
+        let names = ["default", "popcnt"];
+        let mut bytes = Vec::new();
+        let plan = |current: &[u8], inline: bool, chosen: usize, bytes: &mut Vec<u8>| {
+            plan_trampoline_into(
+                SITE, current, &blocks, &bodies, inline, &names, chosen, bytes,
+            )
+        };
+        let planned = plan(&site, true, 1, &mut bytes).unwrap();
+        assert_eq!(planned.shape, Shape::Inline { len: 6 });
+        assert_eq!(bytes[..6], popcnt_ret);
+        assert!(is_filler(&bytes[6..]));
+        assert_eq!(planned.live, LiveWrite::Safe, "from a jmp: nowhere to stop");
+        // Not wanted: the jmp.
+        let planned = plan(&site, false, 1, &mut Vec::new()).unwrap();
+        assert_eq!(planned.shape, Shape::Jump { target: popcnt_fn });
+        // From the body back to the default's jmp: recognised, not while threads run.
+        let inlined = bytes.clone();
+        let back = plan(&inlined, false, 0, &mut bytes).unwrap();
+        assert_eq!(back.shape, Shape::Jump { target: default_fn });
+        assert_eq!(back.live, LiveWrite::OldSequence);
     }
 
     #[test]

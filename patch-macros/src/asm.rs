@@ -96,11 +96,12 @@ fn record_and_table(site: &str, len: &str, blocks: &[Block]) -> Vec<String> {
     s
 }
 
-/// Length of a trampoline: one `jmp rel32`.
-const TRAMPOLINE_LEN: usize = 5;
+/// Length of a trampoline: one `jmp rel32`, padded to 16 bytes (the slot a 16-byte-aligned
+/// function takes anyway), so that a short candidate's body fits in place of the `jmp`.
+const TRAMPOLINE_LEN: usize = 16;
 
-/// The body of a naked trampoline: `jmp` to the default (operand `d0`).
-pub const TRAMPOLINE_BODY: &str = "jmp {d0}";
+/// The body of a naked trampoline: `jmp` to the default (operand `d0`), then `0x90` padding.
+pub const TRAMPOLINE_BODY: &str = "6500:\njmp {d0}\n6501:\n.skip 16 - (6501b - 6500b), 0x90";
 
 /// The record and table of the trampoline `{tramp}`, whose candidates jump to `d0`, `d1`, ...;
 /// emitted from an `asm!` block elsewhere, since a naked function may hold only its instructions.
