@@ -131,6 +131,12 @@ fn main() {
         report.site("pc_inline").all(|s| s.chosen == "popcnt"),
         "{report}"
     );
+    let tramp = report
+        .site("pc_trampoline")
+        .next()
+        .expect("pc_trampoline has a site");
+    // Optimized, the popcnt shim is `popcnt rax, rdi; ret`: the trampoline holds that copy.
+    eprintln!("pc_trampoline: {} ({})", tramp.how, tramp.why);
     bench_popcount(&mut c, true);
     // The same sites, back to their defaults: what a program pays where patching is impossible.
     let restored = Patcher::new()

@@ -105,7 +105,13 @@ impl Word {
     /// slow path.
     #[inline]
     fn lock(&self, spins: u32) {
-        if !self.try_steal(self.state().load(Relaxed)) {
+        // Free with nobody parked, the common case: one `cmpxchg` and no load before it (a load
+        // would wait for the native unlock's byte store to retire: it cannot forward).
+        if let Err(s) = self
+            .state()
+            .compare_exchange_weak(0, LOCKED, Acquire, Relaxed)
+            && !self.try_steal(s)
+        {
             self.lock_contended(spins);
         }
     }
@@ -411,12 +417,15 @@ pub(crate) unsafe fn lock_slowpath(word: *const Word, spins: u32) {
     unsafe { yield_lock_slowpath(word, spins) }
 }
 
-/// The unlock: `native` is one plain store of 0 (a release: x86 stores are releases and the asm
-/// block is a compiler barrier). Under `native` and `sched_yield` the word is only ever 0 or
-/// `LOCKED` (nothing parks, nothing asks for a handoff), so the store loses nothing, and storing
-/// the low byte is storing the word. Like the ticket lock's `add`, it is padded with `ds`
-/// prefixes to one instruction as long as the default's `call`, so every variant can replace
-/// every other while threads run.
+/// The unlock: `native` is one plain store of 0 to the low byte (a release: x86 stores are
+/// releases and the asm block is a compiler barrier). Under `native` and `sched_yield` the word
+/// is only ever 0 or `LOCKED` (nothing parks, nothing asks for a handoff), so storing the low
+/// byte is storing the word. Padded with two `ds` prefixes, it is one instruction as long as the
+/// default's `call` (`mov dword ptr [rdi], 0` is 6 bytes), so every variant can replace every
+/// other while threads run. Measured, 1,000 lock+unlock pairs: a byte store followed by a load
+/// of the word cost 1.18 × the plain ticket lock (the load waits: a byte store cannot forward to
+/// a word load), `and dword ptr [rdi], 0` 1.43 ×; so the lock's fast path starts with the
+/// `cmpxchg` itself.
 ///
 /// # Safety
 /// The caller holds the lock.

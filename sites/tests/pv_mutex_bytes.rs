@@ -45,19 +45,23 @@ fn use_the_lock() -> u64 {
 fn assert_native_unlock(site: &SiteReport) {
     assert_eq!(site.how, How::Inline, "{site:?}");
     let instrs = decode_site(site);
-    let mov = instrs[0];
-    assert_eq!(mov.mnemonic(), Mnemonic::Mov, "{instrs:?}");
-    assert!(!mov.has_lock_prefix());
-    assert_eq!(mov.op0_kind(), OpKind::Memory);
-    assert_eq!(mov.memory_base(), Register::RDI);
-    assert_eq!(mov.memory_displacement64(), 0, "the word is at offset 0");
+    let store = instrs[0];
+    assert_eq!(store.mnemonic(), Mnemonic::Mov, "{instrs:?}");
+    assert!(!store.has_lock_prefix());
+    assert_eq!(store.op0_kind(), OpKind::Memory);
+    assert_eq!(store.memory_base(), Register::RDI);
+    assert_eq!(store.memory_displacement64(), 0, "the word is at offset 0");
     assert_eq!(
-        mov.memory_size(),
+        store.memory_size(),
         MemorySize::UInt8,
-        "the low byte (the word is LOCKED)"
+        "the low byte: the word is LOCKED"
     );
-    assert_eq!(mov.len(), 5, "as long as the call a thread may return from");
-    assert_eq!(mov.immediate(1), 0);
+    assert_eq!(
+        store.len(),
+        5,
+        "as long as the call a thread may return from"
+    );
+    assert_eq!(store.immediate(1), 0);
     assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
 }
 
