@@ -157,8 +157,6 @@ impl Patcher {
         // borrows them (no allocation and no reference count per site).
         let mut selected: AddressMap<Selected> = AddressMap::default();
         let mut scratch = Scratch::default();
-        // Sites of one name move together (see `SiteWrite::group`); named once per descriptor.
-        let mut groups: HashMap<&'static str, u32> = HashMap::new();
         for rec in records {
             if !record::is_understood(rec) {
                 report
@@ -176,9 +174,7 @@ impl Patcher {
                     },
                     None => select::select(desc, &report.cpu, &overrides),
                 };
-                let next = groups.len() as u32;
                 Selected {
-                    group: *groups.entry(desc.name).or_insert(next),
                     why: intern(why_selected(desc, &selection)),
                     selection,
                     candidates: candidate_names(desc),
@@ -205,7 +201,7 @@ impl Patcher {
                         _ => entry.why,
                     };
                     if let Some(mut write) = write {
-                        write.group = Some(entry.group);
+                        write.group = Some(desc.name);
                         written_sites.push(report.sites.len());
                         writes.push(write);
                     }
@@ -313,8 +309,6 @@ fn site_report(
 /// What one apply decided for a descriptor, shared by the reports of all its inlined copies.
 struct Selected {
     selection: Selection,
-    /// The write group of the descriptor's name.
-    group: u32,
     why: &'static str,
     candidates: &'static [&'static str],
     already_in_place: Option<&'static str>,

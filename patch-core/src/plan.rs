@@ -81,8 +81,8 @@ pub enum LiveWrite {
     /// A thread stopped after the old instruction (or returning from the old `call`) resumes at
     /// byte `at`, inside the new instructions.
     InsideNew {
-        /// The resume offset.
-        at: usize,
+        /// The resume offset (sites are at most 255 bytes long).
+        at: u8,
     },
 }
 
@@ -507,22 +507,32 @@ pub fn plan_site_into(
         });
     };
     let body_len = bytes.len();
-    // Fill so that where a thread may resume in the old bytes, the new ones hold the same filler.
-    let live = match first_stop(site, old_body) {
-        Stop::Nowhere => {
-            fill_nops(bytes, current.len() - body_len);
-            LiveWrite::Safe
-        }
-        Stop::At(at) if body_len <= at => {
-            fill_nops(bytes, at - body_len);
-            bytes.extend_from_slice(&current[at..]);
-            LiveWrite::Safe
-        }
-        stop => {
-            fill_nops(bytes, current.len() - body_len);
-            match stop {
-                Stop::At(at) => LiveWrite::InsideNew { at },
-                _ => LiveWrite::OldSequence,
+    // Fill so that where a thread may resume in the old bytes, the new ones hold the same filler;
+    // a site already holding the chosen block keeps its filler too (nothing to write).
+    let in_place = old_body == body_len && current.starts_with(bytes);
+    let live = if in_place {
+        bytes.extend_from_slice(&current[body_len..]);
+        LiveWrite::Safe
+    } else {
+        match first_stop(site, old_body) {
+            Stop::Nowhere => {
+                fill_nops(bytes, current.len() - body_len);
+                LiveWrite::Safe
+            }
+            Stop::At(at) if body_len <= at => {
+                fill_nops(bytes, at - body_len);
+                bytes.extend_from_slice(&current[at..]);
+                LiveWrite::Safe
+            }
+            Stop::At(at) => {
+                fill_nops(bytes, current.len() - body_len);
+                LiveWrite::InsideNew {
+                    at: u8::try_from(at).unwrap_or(u8::MAX),
+                }
+            }
+            Stop::Between => {
+                fill_nops(bytes, current.len() - body_len);
+                LiveWrite::OldSequence
             }
         }
     };

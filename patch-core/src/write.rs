@@ -66,11 +66,11 @@ pub struct SiteWrite {
     pub old: SiteBytes,
     /// Whether the new bytes may be written while other threads run.
     pub live: LiveWrite,
-    /// Sites of one group (apply: of one name) move together: with threads running, a site that
-    /// cannot be written holds back the others, so a protocol spread over several sites (a
+    /// Sites of one group (apply: the site's name) move together: with threads running, a site
+    /// that cannot be written holds back the others, so a protocol spread over several sites (a
     /// lock's slow path and its unlock) never runs half one variant, half another. `None`: a
     /// group of its own.
-    pub group: Option<u32>,
+    pub group: Option<&'static str>,
 }
 
 impl SiteWrite {
@@ -216,7 +216,7 @@ pub fn write_batch(
         // A thread may be stopped inside these sites' old bytes, where the new bytes would not
         // take it back (see `LiveWrite`); they, and their groups, keep what they run until no
         // other thread runs.
-        let held: Vec<u32> = sites
+        let held: Vec<&str> = sites
             .iter()
             .filter(|s| !s.live.is_safe())
             .filter_map(|s| s.group)
