@@ -118,6 +118,8 @@ impl Patcher {
         let _guard = lock();
         let records = record::records();
         let (overrides, error) = match self.overrides {
+            // Nothing to check: no table of the program's sites (a walk over every record).
+            Ok(o) if o.choices.is_empty() => (o, None),
             Ok(o) => match o.check_choices(
                 choice_table(records)
                     .iter()
@@ -201,7 +203,7 @@ impl Patcher {
                         _ => entry.why,
                     };
                     if let Some(mut write) = write {
-                        write.group = Some(desc.name);
+                        write.group = Some(&desc.name);
                         written_sites.push(report.sites.len());
                         writes.push(write);
                     }
@@ -552,7 +554,6 @@ fn plan_record(
         ip: site as u64,
         new: SiteBytes::from_slice(planned),
         shape,
-        old: SiteBytes::from_slice(current),
         live,
         group: None,
     });

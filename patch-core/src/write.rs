@@ -62,25 +62,22 @@ pub struct SiteWrite {
     pub new: SiteBytes,
     /// What the new bytes do, for the trap handler.
     pub shape: Shape,
-    /// The bytes there now (restored if the batch fails half-way through a site).
-    pub old: SiteBytes,
     /// Whether the new bytes may be written while other threads run.
     pub live: LiveWrite,
     /// Sites of one group (apply: the site's name) move together: with threads running, a site
     /// that cannot be written holds back the others, so a protocol spread over several sites (a
     /// lock's slow path and its unlock) never runs half one variant, half another. `None`: a
     /// group of its own.
-    pub group: Option<&'static str>,
+    pub group: Option<&'static &'static str>,
 }
 
 impl SiteWrite {
-    /// Writes `plan` over `old`, the bytes at its site now, as a group of its own.
-    pub fn new(plan: &Plan, old: &[u8]) -> SiteWrite {
+    /// Writes `plan` at its site, as a group of its own.
+    pub fn new(plan: &Plan) -> SiteWrite {
         SiteWrite {
             ip: plan.ip,
             new: SiteBytes::from_slice(&plan.bytes),
             shape: plan.shape,
-            old: SiteBytes::from_slice(old),
             live: plan.live,
             group: None,
         }
@@ -219,7 +216,7 @@ pub fn write_batch(
         let held: Vec<&str> = sites
             .iter()
             .filter(|s| !s.live.is_safe())
-            .filter_map(|s| s.group)
+            .filter_map(|s| s.group.copied())
             .collect();
         for (result, site) in results.iter_mut().zip(sites) {
             if result.is_err() {
@@ -227,7 +224,7 @@ pub fn write_batch(
             }
             if !site.live.is_safe() {
                 *result = Err(format!("other threads are running and {}", site.live));
-            } else if site.group.is_some_and(|g| held.contains(&g)) {
+            } else if site.group.is_some_and(|g| held.contains(g)) {
                 *result = Err(
                     "other threads are running and another site of its name cannot \
                      be rewritten now (sites of one name move together)"
@@ -257,6 +254,18 @@ pub fn write_batch(
             .collect();
         active.sort_by_key(|s| s.addr);
         os::publish(&mut active);
+        // The bytes there now, put back behind the int3 if a site's write fails half-way.
+        let olds: Vec<SiteBytes> = pending
+            .iter()
+            .map(|&i| {
+                let site = &sites[i];
+                // SAFETY: the caller hands sites in mapped text (apply checks each is executable,
+                // so readable on x86_64), which only this batch writes (patcher lock).
+                SiteBytes::from_slice(unsafe {
+                    core::slice::from_raw_parts(site.ip as usize as *const u8, site.new.len())
+                })
+            })
+            .collect();
         let sync = |stats: &mut BatchStats| {
             stats.serializations += 1;
             // Registration succeeded, so this only fails on a kernel bug; fall back to the local
@@ -272,13 +281,13 @@ pub fn write_batch(
         }
         sync(&mut stats);
         // Step 2: the rest of each site. On failure, put the old bytes back behind the int3.
-        for &i in &pending {
+        for (&i, old) in pending.iter().zip(&olds) {
             let site = &sites[i];
             if results[i].is_err() || site.new.len() < 2 {
                 continue;
             }
             if let Err(e) = writer.write(site.ip as usize + 1, &site.new[1..]) {
-                let restored = writer.write(site.ip as usize + 1, &site.old[1..]);
+                let restored = writer.write(site.ip as usize + 1, &old[1..]);
                 results[i] = Err(match restored {
                     Ok(()) => e,
                     Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
@@ -287,12 +296,12 @@ pub fn write_batch(
         }
         sync(&mut stats);
         // Step 3: the new first byte (or the old one where step 2 failed).
-        for &i in &pending {
+        for (&i, old) in pending.iter().zip(&olds) {
             let site = &sites[i];
             let first = if results[i].is_ok() {
                 site.new[0]
             } else {
-                site.old[0]
+                old[0]
             };
             if let Err(e) = writer.write(site.ip as usize, &[first]) {
                 results[i] = Err(e);
@@ -324,7 +333,6 @@ mod tests {
             ip,
             new: SiteBytes::from_elem(0x90, len),
             shape: Shape::Nop,
-            old: SiteBytes::from_elem(0x90, len),
             live: LiveWrite::Safe,
             group: None,
         }

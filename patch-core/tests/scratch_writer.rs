@@ -38,10 +38,7 @@ fn a_scratch_function_is_rewritten_and_its_page_protection_restored() {
     let plan = plan_site(addr as u64, &current, &blocks, &["default", "three"], 1).unwrap();
 
     let before = region::query(addr as *const u8).unwrap().protection();
-    let (results, stats) = write_batch(
-        &[SiteWrite::new(&plan, &current)],
-        &mut MprotectWriter::default(),
-    );
+    let (results, stats) = write_batch(&[SiteWrite::new(&plan)], &mut MprotectWriter::default());
     assert_eq!(results, vec![Ok(())]);
     assert_eq!(stats.pages, 1);
     assert_eq!(call(), 3);
