@@ -412,9 +412,6 @@ struct Scratch {
     /// other thread running, since a site holding several instructions cannot be rewritten
     /// again while threads run (`LiveWrite::OldSequence`). Read at the first trampoline.
     inline_bodies: Option<bool>,
-    /// Every site's range, sorted, made at the first trampoline: a body holding a site is not
-    /// copied (the copy would miss that site's later patches).
-    site_ranges: Option<Vec<(usize, usize)>>,
 }
 
 impl Scratch {
@@ -426,20 +423,24 @@ impl Scratch {
             false
         })
     }
+}
 
-    fn holds_a_site(&mut self, start: usize, len: usize) -> bool {
-        let ranges = self.site_ranges.get_or_insert_with(|| {
-            let mut ranges: Vec<(usize, usize)> = record::records()
-                .iter()
-                .map(|r| (r.site_addr(), usize::from(r.len)))
-                .collect();
-            ranges.sort_unstable();
-            ranges
-        });
-        // The last site starting before `start + len` is the only one that can overlap.
-        let i = ranges.partition_point(|&(s, _)| s < start + len);
-        i > 0 && ranges[i - 1].0 + ranges[i - 1].1 > start
-    }
+/// Whether `start..start + len` holds (part of) a site: a body holding one is not copied (the
+/// copy would miss that site's later patches). Sites do not overlap, so only the last one
+/// starting before the range's end can reach into it.
+fn holds_a_site(start: usize, len: usize) -> bool {
+    // Every site's range, sorted; made at the first trampoline (the program's sites never change).
+    static RANGES: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+    let ranges = RANGES.get_or_init(|| {
+        let mut ranges: Vec<(usize, usize)> = record::records()
+            .iter()
+            .map(|r| (r.site_addr(), usize::from(r.len)))
+            .collect();
+        ranges.sort_unstable();
+        ranges
+    });
+    let i = ranges.partition_point(|&(s, _)| s < start + len);
+    i > 0 && ranges[i - 1].0 + ranges[i - 1].1 > start
 }
 
 /// The straight-line body of the function a trampoline candidate (`jmp target`) jumps to, read
@@ -448,14 +449,13 @@ fn trampoline_body(
     block: Block<'static>,
     len: usize,
     memory: &crate::os::MemoryMap,
-    scratch: &mut Scratch,
 ) -> Option<Block<'static>> {
     let [0xe9, rel @ ..] = block.bytes else {
         return None;
     };
     let rel = i32::from_le_bytes(rel.try_into().ok()?);
     let target = (block.ip + 5).wrapping_add_signed(i64::from(rel)) as usize;
-    if !memory.is_executable(target, len) || scratch.holds_a_site(target, len) {
+    if !memory.is_executable(target, len) || holds_a_site(target, len) {
         return None;
     }
     // SAFETY: checked to be mapped and executable (hence readable on x86_64); program text.
@@ -519,23 +519,22 @@ fn plan_record(
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
     let planned = if trampoline {
-        let blocks = std::mem::take(&mut scratch.blocks);
-        let bodies: Vec<Option<Block<'static>>> = blocks
+        let bodies: Vec<Option<Block<'static>>> = scratch
+            .blocks
             .iter()
-            .map(|b| trampoline_body(*b, len, memory, scratch))
+            .map(|b| trampoline_body(*b, len, memory))
             .collect();
-        let planned = plan::plan_trampoline_into(
+        let inline_body = scratch.inline_bodies();
+        plan::plan_trampoline_into(
             site as u64,
             current,
-            &blocks,
+            &scratch.blocks,
             &bodies,
-            scratch.inline_bodies(),
+            inline_body,
             &scratch.names,
             selection.index,
             &mut scratch.planned,
-        );
-        scratch.blocks = blocks;
-        planned
+        )
     } else {
         plan::plan_site_into(
             site as u64,
@@ -549,7 +548,7 @@ fn plan_record(
     let plan::Planned { shape, live } =
         planned.map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
     let planned = &scratch.planned;
-    // Only a site that changes gets its own copies of the old and new bytes.
+    // Only a site that changes gets its own copy of the new bytes.
     let write = (planned[..] != *current).then(|| SiteWrite {
         ip: site as u64,
         new: SiteBytes::from_slice(planned),

@@ -53,10 +53,11 @@ pub struct ActiveSite {
 /// not make two heap allocations per site.
 pub type SiteBytes = SmallVec<[u8; 16]>;
 
-/// One site to write: its new bytes and the bytes they replace.
+/// One site to write: its new bytes and what they do.
 #[derive(Clone, Debug)]
 pub struct SiteWrite {
-    /// Site address.
+    /// Site address: mapped, readable program text (a live batch reads the bytes there before
+    /// writing, to put them back if the write fails half-way).
     pub ip: u64,
     /// New bytes, as planned.
     pub new: SiteBytes,
