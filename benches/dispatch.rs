@@ -128,7 +128,7 @@ fn main() {
 
     let report = altpatch::apply_patches();
     assert!(
-        report.site("pc_inline").all(|s| s.chosen == "popcnt"),
+        report.site("pc_inline").all(|s| s.chosen() == "popcnt"),
         "{report}"
     );
     let tramp = report
@@ -136,7 +136,7 @@ fn main() {
         .next()
         .expect("pc_trampoline has a site");
     // Optimized, the popcnt shim is `popcnt rax, rdi; ret`: the trampoline holds that copy.
-    eprintln!("pc_trampoline: {} ({})", tramp.how, tramp.why);
+    eprintln!("pc_trampoline: {} ({})", tramp.how(), tramp.why());
     bench_popcount(&mut c, true);
     // The same sites, back to their defaults: what a program pays where patching is impossible.
     let restored = Patcher::new()

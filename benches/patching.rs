@@ -99,7 +99,7 @@ fn bench_apply(c: &mut Criterion, cpu: &Cpu, busy: bool) {
                     .overrides_str(&choice(groups, on))
                     .apply();
                 // Every iteration must write exactly what its name says.
-                assert_eq!(report.sites.iter().filter(|s| s.written).count(), written);
+                assert_eq!(report.sites.iter().filter(|s| s.written()).count(), written);
                 report
             })
         });
@@ -146,17 +146,17 @@ fn main() {
         first
             .sites
             .iter()
-            .filter(|s| s.kind == Some(altpatch::SiteKind::CallSite))
+            .filter(|s| s.kind() == Some(altpatch::SiteKind::CallSite))
             .count(),
         10_000,
         "{}",
         first.sites.len()
     );
     println!(
-        "first apply: {:.1?} for {} sites ({} written), {first_faults} page faults",
+        "first apply: {:.2?} for {} sites ({} written), {first_faults} page faults",
         first.elapsed,
         first.sites.len(),
-        first.sites.iter().filter(|s| s.written).count()
+        first.sites.iter().filter(|s| s.written()).count()
     );
 
     bench_apply(&mut c, &cpu, false);

@@ -89,8 +89,8 @@ fn main() {
             let copies = report.site(name).count();
             println!(
                 "{name:<9} runs {:<8} ({}; {} site{})",
-                site.chosen,
-                site.how,
+                site.chosen(),
+                site.how(),
                 copies,
                 if copies == 1 { "" } else { "s" }
             );

@@ -106,17 +106,17 @@ fn main() {
     println!("\nsite bytes, file -> running:");
     for site in &report.sites {
         // SAFETY: the report's address and length are a site in this program's mapped text.
-        let running = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
-        let Some(on_disk) = file.bytes_at(site.addr, site.len) else {
+        let running = unsafe { std::slice::from_raw_parts(site.addr() as *const u8, site.len()) };
+        let Some(on_disk) = file.bytes_at(site.addr(), site.len()) else {
             continue;
         };
         let changed = on_disk != running;
         differ += usize::from(changed);
         println!(
             "  {:<24} {:<38} -> {}{}",
-            site.name.rsplit("::").next().unwrap_or(site.name),
-            disassemble(on_disk, site.addr),
-            disassemble(running, site.addr),
+            site.name().rsplit("::").next().unwrap_or(site.name()),
+            disassemble(on_disk, site.addr()),
+            disassemble(running, site.addr()),
             if changed { "" } else { "   (unchanged)" }
         );
     }
@@ -124,7 +124,7 @@ fn main() {
         "\n{differ} of {} sites differ from the executable file",
         report.sites.len()
     );
-    assert_eq!(differ, report.sites.iter().filter(|s| s.written).count());
+    assert_eq!(differ, report.sites.iter().filter(|s| s.written()).count());
 }
 
 fn crc32c_reference(words: &[u64]) -> u32 {

@@ -28,10 +28,10 @@ fn branch_bytes(report: &altpatch::Report) -> String {
         return "no site".into();
     };
     // SAFETY: the report's address and length are a site in this program's text.
-    let bytes = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
+    let bytes = unsafe { std::slice::from_raw_parts(site.addr() as *const u8, site.len()) };
     let mut formatter = IntelFormatter::new();
     let mut text = Vec::new();
-    for instr in Decoder::with_ip(64, bytes, site.addr as u64, DecoderOptions::NONE).iter() {
+    for instr in Decoder::with_ip(64, bytes, site.addr() as u64, DecoderOptions::NONE).iter() {
         let mut s = String::new();
         formatter.format(&instr, &mut s);
         text.push(s);

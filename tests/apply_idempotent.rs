@@ -13,7 +13,7 @@ fn site_bytes(report: &altpatch::Report) -> Vec<Vec<u8>> {
     report
         .sites
         .iter()
-        .map(|s| unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len) }.to_vec())
+        .map(|s| unsafe { std::slice::from_raw_parts(s.addr() as *const u8, s.len()) }.to_vec())
         .collect()
 }
 
@@ -27,7 +27,7 @@ fn concurrent_callers_share_one_apply_and_a_second_apply_writes_nothing() {
                     let r = altpatch::apply_patches();
                     assert_eq!(
                         mix(black_box(9)),
-                        mix_expected(r.site("mix").next().unwrap().chosen, 9)
+                        mix_expected(r.site("mix").next().unwrap().chosen(), 9)
                     );
                     r as *const altpatch::Report as usize
                 })
@@ -50,10 +50,13 @@ fn concurrent_callers_share_one_apply_and_a_second_apply_writes_nothing() {
         before,
         "the second apply changed bytes"
     );
-    assert!(second.sites.iter().all(|s| !s.written), "{second}");
+    assert!(second.sites.iter().all(|s| !s.written()), "{second}");
     assert_eq!(second.stats.pages, 0);
     assert_eq!(second.stats.serializations, 0);
     for (a, b) in first.sites.iter().zip(&second.sites) {
-        assert_eq!((a.addr, a.chosen, a.how), (b.addr, b.chosen, b.how));
+        assert_eq!(
+            (a.addr(), a.chosen(), a.how()),
+            (b.addr(), b.chosen(), b.how())
+        );
     }
 }

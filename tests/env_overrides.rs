@@ -39,7 +39,7 @@ fn child_entry() {
         Ok(_) => println!("ERROR=none"),
         Err(e) => println!("ERROR={e}"),
     }
-    let chosen: Vec<_> = report.site("mix").map(|s| (s.chosen, s.how)).collect();
+    let chosen: Vec<_> = report.site("mix").map(|s| (s.chosen(), s.how())).collect();
     let (name, how) = chosen[0];
     assert!(
         chosen.iter().all(|c| *c == (name, how)),

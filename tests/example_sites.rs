@@ -31,7 +31,7 @@ fn every_dispatch_candidate_gives_the_same_answers() {
                 .find_map(|c| c.strip_prefix(&format!("{name}=")))
                 .unwrap();
             assert!(report.site(name).count() > 0, "{name}: {report}");
-            assert!(report.site(name).all(|s| s.chosen == forced), "{report}");
+            assert!(report.site(name).all(|s| s.chosen() == forced), "{report}");
         }
         assert_eq!(
             dispatch::popcount(black_box(0xff00_ff00_f0f0)),

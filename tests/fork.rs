@@ -18,7 +18,7 @@ fn a_forked_child_patches_its_own_text() {
         assert!(
             report
                 .site("mix")
-                .all(|s| s.how == How::Inline && s.written),
+                .all(|s| s.how() == How::Inline && s.written()),
             "{report}"
         );
         assert_eq!(mix(black_box(3)), mix_expected("bmi2", 3));

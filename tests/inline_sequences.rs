@@ -54,9 +54,13 @@ fn a_sequence_is_not_rewritten_while_other_threads_run() {
     let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
     assert!(report.stats.live, "the harness's threads run");
     let site = report.site("reloc_selftest").next().unwrap();
-    assert!(!site.written, "{report}");
-    assert_eq!(site.how, How::Unpatched);
-    assert!(site.why.contains("stopped between them"), "{}", site.why);
+    assert!(!site.written(), "{report}");
+    assert_eq!(site.how(), How::Unpatched);
+    assert!(
+        site.why().contains("stopped between them"),
+        "{}",
+        site.why()
+    );
     assert_eq!(lookup(black_box(2)), 30, "still the default");
     assert_eq!(decode_site(site)[1].mnemonic(), Mnemonic::Mov);
 }
@@ -72,8 +76,8 @@ fn patch_each_candidate_and_run_it() {
             .site("reloc_selftest")
             .next()
             .expect("the site is recorded");
-        assert_eq!(site.chosen, chosen, "{report}");
-        assert_eq!(site.kind, Some(altpatch::SiteKind::Inline));
+        assert_eq!(site.chosen(), chosen, "{report}");
+        assert_eq!(site.kind(), Some(altpatch::SiteKind::Inline));
         assert_eq!(lookup(black_box(2)), expected, "{chosen}");
 
         let instrs = decode_site(site);
@@ -84,7 +88,7 @@ fn patch_each_candidate_and_run_it() {
             "lea relocated"
         );
         if chosen == "avx2" {
-            assert_eq!(site.how, How::Inline);
+            assert_eq!(site.how(), How::Inline);
             assert_eq!(instrs[2].mnemonic(), Mnemonic::Call);
             assert_eq!(
                 instrs[2].near_branch_target(),

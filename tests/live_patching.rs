@@ -49,8 +49,8 @@ fn reselecting_while_threads_run_the_sites() {
                 report
                     .sites
                     .iter()
-                    .filter(|s| s.name.ends_with("::mix"))
-                    .all(|s| s.written),
+                    .filter(|s| s.name().ends_with("::mix"))
+                    .all(|s| s.written()),
                 "{report}"
             );
             assert!(report.stats.live, "other threads are running");

@@ -25,7 +25,7 @@ fn every_candidate_of_a_three_way_site_through_a_faked_cpu() {
         let copies: Vec<_> = report.site("mix").collect();
         assert!(!copies.is_empty(), "{report}");
         for site in copies {
-            assert_eq!(site.chosen, expected, "{report}");
+            assert_eq!(site.chosen(), expected, "{report}");
             let instrs = decode_site(site);
             match expected {
                 "avx2" | "default" => {
@@ -37,7 +37,7 @@ fn every_candidate_of_a_three_way_site_through_a_faked_cpu() {
                     assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
                 }
                 "bmi2" => {
-                    assert_eq!(site.how, How::Inline);
+                    assert_eq!(site.how(), How::Inline);
                     assert_eq!(instrs[0].mnemonic(), Mnemonic::Lea);
                     assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
                 }
@@ -59,13 +59,13 @@ fn a_nop_candidate_leaves_only_nops() {
         "the hook ran after being NOP'd"
     );
     for site in report.site("hook") {
-        assert_eq!(site.how, How::Nop);
+        assert_eq!(site.how(), How::Nop);
         let instrs = decode_site(site);
         assert!(
             instrs.iter().all(|i| i.mnemonic() == Mnemonic::Nop),
             "{instrs:?}"
         );
-        assert_eq!(instrs.iter().map(|i| i.len()).sum::<usize>(), site.len);
+        assert_eq!(instrs.iter().map(|i| i.len()).sum::<usize>(), site.len());
         assert_eq!(instrs.len(), 1, "a 5-byte site is one 5-byte NOP");
     }
     // And back: the default call is restored.
@@ -96,7 +96,7 @@ fn sites_sharing_a_name_take_one_choice_and_keep_their_predicate_text() {
     assert!(
         shared
             .iter()
-            .all(|s| s.chosen == "loud" && s.how == How::Nop),
+            .all(|s| s.chosen() == "loud" && s.how() == How::Nop),
         "{report}"
     );
     let before = HOOK_TOTAL.load(std::sync::atomic::Ordering::SeqCst);
@@ -109,7 +109,7 @@ fn sites_sharing_a_name_take_one_choice_and_keep_their_predicate_text() {
     );
     let record = altpatch::__private::records()
         .iter()
-        .find(|r| r.site_addr() == shared[0].addr)
+        .find(|r| r.site_addr() == shared[0].addr())
         .unwrap();
     let texts: Vec<_> = record
         .descriptor()
@@ -151,14 +151,14 @@ fn a_bare_hypervisor_predicate_selects_in_a_vm_only() {
     assert!(
         report
             .site("bare_metal_only_hook")
-            .all(|s| s.chosen == "in_vm" && s.how == How::Nop),
+            .all(|s| s.chosen() == "in_vm" && s.how() == How::Nop),
         "{report}"
     );
     let report = Patcher::new().cpu(cpu_with(&[])).apply();
     assert!(
         report
             .site("bare_metal_only_hook")
-            .all(|s| s.chosen == "default"),
+            .all(|s| s.chosen() == "default"),
         "{report}"
     );
     bare_metal_only_hook(black_box(0));

@@ -54,13 +54,13 @@ fn altered_site_is_refused_and_the_others_are_patched() {
     assert_eq!(call_a(black_box(10)), 17);
 
     let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
-    let a = report.sites.iter().find(|s| s.addr == altered).unwrap();
-    let b = report.sites.iter().find(|s| s.addr == intact).unwrap();
-    assert_eq!(a.how, How::Unpatched, "{report}");
-    assert!(!a.written);
-    assert!(a.why.contains("none of its candidates"), "{}", a.why);
-    assert_eq!(b.how, How::Call, "{report}");
-    assert!(b.written);
+    let a = report.sites.iter().find(|s| s.addr() == altered).unwrap();
+    let b = report.sites.iter().find(|s| s.addr() == intact).unwrap();
+    assert_eq!(a.how(), How::Unpatched, "{report}");
+    assert!(!a.written());
+    assert!(a.why().contains("none of its candidates"), "{}", a.why());
+    assert_eq!(b.how(), How::Call, "{report}");
+    assert!(b.written());
 
     // A still runs the intruder (nothing was written over it); B runs the avx2 candidate.
     assert_eq!(call_a(black_box(10)), 17);

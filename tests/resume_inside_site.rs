@@ -47,8 +47,8 @@ fn with_a_thread_inside(patch: impl FnOnce()) -> u64 {
 fn site_bytes(report: &altpatch::Report) -> (usize, Vec<u8>) {
     let site = report.site("parked").next().expect("parked has a site");
     // SAFETY: the report's address and length describe a site in this program's mapped text.
-    let bytes = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
-    (site.addr, bytes.to_vec())
+    let bytes = unsafe { std::slice::from_raw_parts(site.addr() as *const u8, site.len()) };
+    (site.addr(), bytes.to_vec())
 }
 
 #[test]
@@ -62,10 +62,10 @@ fn a_thread_returning_into_a_rewritten_site_lands_on_filler() {
     });
     let refused = refused.unwrap();
     assert_eq!(got, 41, "the default ran to its end");
-    assert!(refused.stats.live || refused.site("parked").all(|s| !s.written));
+    assert!(refused.stats.live || refused.site("parked").all(|s| !s.written()));
     let site = refused.site("parked").next().unwrap();
-    assert!(!site.written, "{refused}");
-    assert!(site.why.contains("resume at byte 5"), "{}", site.why);
+    assert!(!site.written(), "{refused}");
+    assert!(site.why().contains("resume at byte 5"), "{}", site.why());
     let (addr, bytes) = site_bytes(&refused);
     let call = Decoder::with_ip(64, &bytes, addr as u64, DecoderOptions::NONE).decode();
     assert_eq!(call.mnemonic(), Mnemonic::Call, "{bytes:02x?}");
@@ -77,7 +77,7 @@ fn a_thread_returning_into_a_rewritten_site_lands_on_filler() {
     });
     let written = written.unwrap();
     assert!(written.stats.live, "the harness and the parked thread run");
-    assert!(written.site("parked").all(|s| s.written), "{written}");
+    assert!(written.site("parked").all(|s| s.written()), "{written}");
     assert_eq!(got, 41, "returned from the default's call onto filler");
     assert_eq!(parked(41), 42, "new callers run the 3-byte `lea`");
     let (addr, bytes) = site_bytes(&written);

@@ -47,7 +47,7 @@ fn branches_follow_their_keys_and_become_a_nop_or_a_jmp() {
     let report = Patcher::new().apply();
     let sites = branch_sites(&report, "TRACE");
     assert_eq!(sites.len(), 1, "{report}");
-    assert_eq!(sites[0].kind, Some(altpatch::SiteKind::StaticBranch));
+    assert_eq!(sites[0].kind(), Some(altpatch::SiteKind::StaticBranch));
     let instrs = decode_site(&sites[0]);
     assert_eq!(
         instrs.len(),

@@ -88,7 +88,7 @@ fn every_kind_of_site_stays_right_under_reselection_and_toggling() {
         for round in 0..rounds {
             let report = Patcher::new().cpu(cpus[round % cpus.len()].clone()).apply();
             assert!(
-                report.sites.iter().all(|s| !s.why.starts_with("refused")),
+                report.sites.iter().all(|s| !s.why().starts_with("refused")),
                 "{report}"
             );
             FLAG.set(round % 2 == 0);

@@ -62,8 +62,8 @@ fn check_site(name: &str, report: &altpatch::Report, chosen: &str) {
         "a trampoline is one site whatever the callers: {report}"
     );
     let site = sites[0];
-    assert_eq!(site.kind, Some(altpatch::SiteKind::Trampoline));
-    assert_eq!(site.chosen, chosen, "{report}");
+    assert_eq!(site.kind(), Some(altpatch::SiteKind::Trampoline));
+    assert_eq!(site.chosen(), chosen, "{report}");
     let instrs = decode_site(site);
     assert_eq!(instrs[0].mnemonic(), Mnemonic::Jmp, "{instrs:?}");
     assert_eq!(
@@ -76,7 +76,7 @@ fn check_site(name: &str, report: &altpatch::Report, chosen: &str) {
     } else {
         How::Jmp
     };
-    assert_eq!(site.how, expected_how, "{report}");
+    assert_eq!(site.how(), expected_how, "{report}");
 }
 
 #[test]

@@ -64,14 +64,14 @@ fn with_one_thread_the_trampoline_holds_the_body_when_it_is_straight_line() {
         let report = patch_popcount();
         assert!(!report.stats.live, "{report}");
         let site = report.site("trampoline_body::popcount").next().unwrap();
-        assert_eq!(site.kind, Some(SiteKind::Trampoline));
+        assert_eq!(site.kind(), Some(SiteKind::Trampoline));
         let instrs = decode_site(site);
         if cfg!(debug_assertions) {
             // Unoptimized, the shim calls `popcount_hw`: not straight-line, so a `jmp`.
-            assert_eq!(site.how, How::Jmp, "{report}");
+            assert_eq!(site.how(), How::Jmp, "{report}");
             assert_eq!(instrs[0].mnemonic(), Mnemonic::Jmp, "{instrs:?}");
         } else {
-            assert_eq!(site.how, How::Inline, "{report}");
+            assert_eq!(site.how(), How::Inline, "{report}");
             let body: Vec<Mnemonic> = instrs.iter().map(|i| i.mnemonic()).collect();
             assert_eq!(body[..2], [Mnemonic::Popcnt, Mnemonic::Ret], "{instrs:?}");
             assert!(rest_is_filler(&instrs, 2), "{instrs:?}");
@@ -103,7 +103,7 @@ fn a_body_holding_a_site_is_not_copied() {
                 .apply();
             assert!(!report.stats.live, "{report}");
             let site = report.site("trampoline_body::outer").next().unwrap();
-            assert_eq!(site.how, How::Jmp, "{report}");
+            assert_eq!(site.how(), How::Jmp, "{report}");
             assert_eq!(decode_site(site)[0].mnemonic(), Mnemonic::Jmp);
         }
         assert_eq!(outer(black_box(0b1011)), 3);
@@ -116,7 +116,7 @@ fn with_other_threads_the_trampoline_stays_a_jmp() {
     let report = patch_popcount();
     assert!(report.stats.live, "the harness's threads run");
     let site = report.site("trampoline_body::popcount").next().unwrap();
-    assert_eq!(site.how, How::Jmp, "{report}");
+    assert_eq!(site.how(), How::Jmp, "{report}");
     let instrs = decode_site(site);
     assert_eq!(instrs[0].mnemonic(), Mnemonic::Jmp, "{instrs:?}");
     assert_eq!(

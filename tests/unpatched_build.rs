@@ -23,7 +23,7 @@ fn the_report_says_whether_this_build_patches() {
             report
                 .sites
                 .iter()
-                .all(|s| s.how == How::Unpatched && !s.written),
+                .all(|s| s.how() == How::Unpatched && !s.written()),
             "{report}"
         );
         assert_eq!(mix(black_box(6)), mix_expected("default", 6));
@@ -35,7 +35,9 @@ fn the_report_says_whether_this_build_patches() {
     } else {
         assert_eq!(report.disabled, None);
         assert!(
-            report.site("mix").all(|s| s.written && s.how == How::Call),
+            report
+                .site("mix")
+                .all(|s| s.written() && s.how() == How::Call),
             "{report}"
         );
         assert_eq!(mix(black_box(6)), mix_expected("avx2", 6));

@@ -15,7 +15,7 @@ fn denied_writes_leave_the_defaults_running_and_say_why() {
     let snapshot = |r: &altpatch::Report| -> Vec<Vec<u8>> {
         r.sites
             .iter()
-            .map(|s| unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len) }.to_vec())
+            .map(|s| unsafe { std::slice::from_raw_parts(s.addr() as *const u8, s.len()) }.to_vec())
             .collect()
     };
     let report = Patcher::new()
@@ -26,12 +26,12 @@ fn denied_writes_leave_the_defaults_running_and_say_why() {
         .apply();
     assert!(!report.sites.is_empty());
     for site in &report.sites {
-        assert_eq!(site.how, How::Unpatched, "{report}");
-        assert!(!site.written);
+        assert_eq!(site.how(), How::Unpatched, "{report}");
+        assert!(!site.written());
         assert!(
-            site.why.contains("mprotect refused by policy (injected)"),
+            site.why().contains("mprotect refused by policy (injected)"),
             "{}",
-            site.why
+            site.why()
         );
     }
     assert!(report.to_string().contains("mprotect refused by policy"));

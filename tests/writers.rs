@@ -22,7 +22,7 @@ fn assert_mix_runs(report: &altpatch::Report, candidate: &str) {
     assert!(
         report
             .site("mix")
-            .all(|s| s.chosen == candidate && s.written),
+            .all(|s| s.chosen() == candidate && s.written()),
         "{report}"
     );
     assert_eq!(mix(black_box(11)), mix_expected(candidate, 11));
@@ -52,7 +52,7 @@ fn mprotect_refused_falls_back_to_proc_self_mem() {
     let report = patch_with(Box::new(writer), &[Feature::Bmi2]);
     assert_eq!(report.writer, "/proc/self/mem", "{report}");
     assert_mix_runs(&report, "bmi2");
-    assert!(report.site("mix").all(|s| s.how == How::Inline));
+    assert!(report.site("mix").all(|s| s.how() == How::Inline));
 }
 
 #[test]
@@ -64,7 +64,7 @@ fn text_protection_is_restored_after_mprotect_writes() {
         .site("mix")
         .next()
         .unwrap()
-        .addr;
+        .addr();
     let before = region::query(site as *const u8).unwrap().protection();
     patch_with(Box::new(MprotectWriter::default()), &[Feature::Avx2]);
     let after = region::query(site as *const u8).unwrap().protection();

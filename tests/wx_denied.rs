@@ -89,10 +89,12 @@ fn child_entry() {
     for site in report.site("mix") {
         println!(
             "SITE how={} writer={} why={}",
-            site.how, report.writer, site.why
+            site.how(),
+            report.writer,
+            site.why()
         );
     }
-    let running = if report.site("mix").all(|s| s.how == How::Call) {
+    let running = if report.site("mix").all(|s| s.how() == How::Call) {
         "avx2"
     } else {
         "default"

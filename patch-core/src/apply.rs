@@ -154,16 +154,17 @@ impl Patcher {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         crate::os::linux::prefault(&mut report.sites);
         let memory = crate::os::memory_map();
-        // Inlined copies share their descriptor, so they share its selection, its reason and its
-        // candidate list: the strings are made once per descriptor, and a copy's report entry
-        // borrows them (no allocation and no reference count per site).
+        // Inlined copies share their descriptor, so they share its selection and its reason: the
+        // reason is made once per descriptor, and a copy's report entry borrows it (no allocation
+        // and no reference count per site).
         let mut selected: AddressMap<Selected> = AddressMap::default();
+        let mut suffixed = Suffixed::default();
         let mut scratch = Scratch::default();
         for rec in records {
             if !record::is_understood(rec) {
                 report
                     .sites
-                    .push(site_report(rec, &[], not_understood(rec).into()));
+                    .push(SiteReport::new(rec, not_understood(rec).into()));
                 continue;
             }
             let desc = rec.descriptor();
@@ -177,15 +178,17 @@ impl Patcher {
                     None => select::select(desc, &report.cpu, &overrides),
                 };
                 Selected {
-                    why: intern(why_selected(desc, &selection)),
+                    why: match why_selected(desc, &selection) {
+                        Cow::Borrowed(why) => why,
+                        Cow::Owned(why) => intern(why),
+                    },
                     selection,
-                    candidates: candidate_names(desc),
                     already_in_place: None,
                     restored: None,
                 }
             });
             if let Some(why) = &report.disabled {
-                let site = site_report(rec, entry.candidates, why.clone().into());
+                let site = SiteReport::new(rec, why.clone().into());
                 report.sites.push(site);
                 continue;
             }
@@ -198,8 +201,10 @@ impl Patcher {
                         How::of(shape)
                     };
                     let why = match (&write, how) {
-                        (Some(_), How::Unpatched) => entry.restored(),
-                        (None, how) if how != How::Unpatched => entry.already_in_place(),
+                        (Some(_), How::Unpatched) => entry.restored(&mut suffixed),
+                        (None, how) if how != How::Unpatched => {
+                            entry.already_in_place(&mut suffixed)
+                        }
                         _ => entry.why,
                     };
                     if let Some(mut write) = write {
@@ -207,12 +212,13 @@ impl Patcher {
                         written_sites.push(report.sites.len());
                         writes.push(write);
                     }
-                    let mut site = site_report(rec, entry.candidates, why.into());
-                    site.chosen = desc.candidates[selection.index].name;
+                    let mut site = SiteReport::new(rec, why.into());
+                    // The record's count (a byte) bounds the index.
+                    site.chosen = u8::try_from(selection.index).unwrap_or(u8::MAX);
                     site.how = how;
                     site
                 }
-                Err(why) => site_report(rec, entry.candidates, why.into()),
+                Err(why) => SiteReport::new(rec, why.into()),
             };
             report.sites.push(site);
         }
@@ -287,47 +293,38 @@ fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Opti
         .then(|| format!("{}=off", crate::overrides::ENV_VAR))
 }
 
-fn site_report(
-    rec: &SiteRecord,
-    candidates: &'static [&'static str],
-    why: Cow<'static, str>,
-) -> SiteReport {
-    let desc = record::is_understood(rec).then(|| rec.descriptor());
-    SiteReport {
-        name: desc.map_or("?", |d| d.name),
-        file: desc.map_or("?", |d| d.file),
-        line: desc.map_or(0, |d| d.line),
-        addr: rec.site_addr(),
-        len: usize::from(rec.len),
-        kind: rec.kind(),
-        candidates,
-        chosen: "default",
-        how: How::Unpatched,
-        written: false,
-        why,
-    }
-}
-
 /// What one apply decided for a descriptor, shared by the reports of all its inlined copies.
 struct Selected {
     selection: Selection,
     why: &'static str,
-    candidates: &'static [&'static str],
     already_in_place: Option<&'static str>,
     restored: Option<&'static str>,
 }
 
 impl Selected {
-    fn already_in_place(&mut self) -> &'static str {
-        let why = self.why;
+    fn already_in_place(&mut self, suffixed: &mut Suffixed) -> &'static str {
         self.already_in_place
-            .get_or_insert_with(|| intern(format!("{why} (already in place)")))
+            .get_or_insert_with(|| suffixed.get(self.why, " (already in place)"))
     }
 
-    fn restored(&mut self) -> &'static str {
-        let why = self.why;
+    fn restored(&mut self, suffixed: &mut Suffixed) -> &'static str {
         self.restored
-            .get_or_insert_with(|| intern(format!("{why} (default restored)")))
+            .get_or_insert_with(|| suffixed.get(self.why, " (default restored)"))
+    }
+}
+
+/// Reasons with a suffix appended, made once per apply for each distinct reason, not once per
+/// descriptor: every static branch is a descriptor of its own, and a program's thousand branches
+/// share two reasons. A reason is static or interned, so its address and length identify it.
+#[derive(Default)]
+struct Suffixed(HashMap<(usize, usize, usize), &'static str, BuildHasherDefault<AddressHasher>>);
+
+impl Suffixed {
+    fn get(&mut self, why: &'static str, suffix: &'static str) -> &'static str {
+        let key = (why.as_ptr() as usize, why.len(), suffix.as_ptr() as usize);
+        self.0
+            .entry(key)
+            .or_insert_with(|| intern(format!("{why}{suffix}")))
     }
 }
 
@@ -346,16 +343,6 @@ fn intern(text: String) -> &'static str {
     let leaked: &'static str = Box::leak(text.into_boxed_str());
     reasons.insert(leaked);
     leaked
-}
-
-/// `desc`'s candidate names, made once per descriptor for the life of the process.
-fn candidate_names(desc: &'static SiteDescriptor) -> &'static [&'static str] {
-    static NAMES: LazyLock<Mutex<AddressMap<&'static [&'static str]>>> =
-        LazyLock::new(Default::default);
-    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
-    names
-        .entry(address(desc))
-        .or_insert_with(|| Box::leak(desc.candidate_names().collect()))
 }
 
 /// A map keyed by the address of a static (a descriptor, a key). Such addresses are unique and
@@ -559,20 +546,21 @@ fn plan_record(
     Ok((selection, shape, write))
 }
 
-fn why_selected(desc: &SiteDescriptor, selection: &Selection) -> String {
+/// Why `selection` was made: static text where it names nothing of the descriptor.
+fn why_selected(desc: &SiteDescriptor, selection: &Selection) -> Cow<'static, str> {
     let candidates = desc.candidates;
     match selection.reason {
         Reason::Off => "patching is off".into(),
-        Reason::Forced => format!("forced by {}", crate::overrides::ENV_VAR),
-        Reason::Key(_) => selection.reason.to_string(),
-        Reason::PredicateHolds => format!("{} holds", candidates[selection.index].predicate),
+        Reason::Forced => format!("forced by {}", crate::overrides::ENV_VAR).into(),
+        Reason::Key(_) => selection.reason.text().into(),
+        Reason::PredicateHolds => format!("{} holds", candidates[selection.index].predicate).into(),
         Reason::NoCandidateHolds if candidates.len() == 1 => "no other candidate".into(),
         Reason::NoCandidateHolds => {
             let tried: Vec<String> = candidates[1..]
                 .iter()
                 .map(|c| c.predicate.to_string())
                 .collect();
-            format!("none of {} holds", tried.join(", "))
+            format!("none of {} holds", tried.join(", ")).into()
         }
     }
 }

@@ -112,16 +112,23 @@ pub enum Reason {
     Key(bool),
 }
 
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Reason {
+    /// The reason in words.
+    pub fn text(&self) -> &'static str {
+        match self {
             Reason::Off => "patching is off",
             Reason::Forced => "forced by ALTPATCH",
             Reason::PredicateHolds => "first candidate whose predicate holds",
             Reason::NoCandidateHolds => "no candidate's predicate holds",
             Reason::Key(true) => "its key is enabled",
             Reason::Key(false) => "its key is disabled",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text())
     }
 }
 

@@ -163,7 +163,7 @@ fn main() {
     println!(
         "pv_lock selected: {} ({})",
         selected.map_or("mixed", PvLock::name),
-        site.why
+        site.why()
     );
     match report.cpu.hypervisor() {
         None => println!("  no hypervisor: bare metal, nothing preempts a lock holder but the OS"),
@@ -190,7 +190,11 @@ fn main() {
     for s in report.site(pv::SITE) {
         println!(
             "  {}:{} at {:#x}: {} ({})",
-            s.file, s.line, s.addr, s.chosen, s.how
+            s.file(),
+            s.line(),
+            s.addr(),
+            s.chosen(),
+            s.how()
         );
     }
     println!(

@@ -87,9 +87,9 @@ impl core::fmt::Display for PvLock {
 /// its copies disagree (one was refused or not written).
 pub fn chosen(report: &Report) -> Option<PvLock> {
     let mut copies = report.site(SITE);
-    let first = PvLock::from_name(copies.next()?.chosen)?;
+    let first = PvLock::from_name(copies.next()?.chosen())?;
     copies
-        .all(|s| PvLock::from_name(s.chosen) == Some(first))
+        .all(|s| PvLock::from_name(s.chosen()) == Some(first))
         .then_some(first)
 }
 

@@ -50,7 +50,7 @@ fn check(
             if forced == "default" {
                 assert_calls(s, "default");
             } else {
-                assert_eq!(s.how, How::Inline);
+                assert_eq!(s.how(), How::Inline);
                 let instrs = decode_site(s);
                 assert_eq!(instrs[0].mnemonic(), mnemonic, "{instrs:?}");
                 assert_eq!(instrs[0].op0_register(), Register::RAX);

@@ -62,7 +62,7 @@ fn flush_in_every_variant() {
             match mnemonic {
                 None => assert_calls(s, "default"),
                 Some(m) => {
-                    assert_eq!(s.how, How::Inline);
+                    assert_eq!(s.how(), How::Inline);
                     let instrs = decode_site(s);
                     assert_eq!(instrs[0].mnemonic(), m, "{instrs:?}");
                     assert_eq!(instrs[0].memory_base(), Register::RDI);

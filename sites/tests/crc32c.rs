@@ -51,7 +51,7 @@ fn crc32c_in_every_variant() {
         for s in report.site("crc32c_update") {
             assert_calls(s, candidate);
             if candidate != "default" {
-                assert_eq!(s.how, How::Call);
+                assert_eq!(s.how(), How::Call);
             }
         }
         if candidate == "sse4_2" && !Cpu::detect().has(Feature::Sse4_2) {

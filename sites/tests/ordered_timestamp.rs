@@ -33,7 +33,7 @@ fn every_variant() {
             match &inline {
                 None => assert_calls(s, "default"),
                 Some(expected) => {
-                    assert_eq!(s.how, How::Inline);
+                    assert_eq!(s.how(), How::Inline);
                     let instrs = decode_site(s);
                     let n = expected.len();
                     let got: Vec<_> = instrs[..n].iter().map(|i| i.mnemonic()).collect();

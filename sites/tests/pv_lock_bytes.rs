@@ -32,7 +32,7 @@ fn op_of(site: &SiteReport) -> Op {
 }
 
 fn assert_native_unlock(site: &SiteReport) {
-    assert_eq!(site.how, How::Inline, "{site:?}");
+    assert_eq!(site.how(), How::Inline, "{site:?}");
     let instrs = decode_site(site);
     let add = instrs[0];
     assert_eq!(add.mnemonic(), Mnemonic::Add, "{instrs:?}");
@@ -59,12 +59,12 @@ fn check_variant(variant: PvLock) {
         match (variant, op) {
             (PvLock::Native, Op::LockSpinning | Op::UnlockKick)
             | (PvLock::SchedYield, Op::UnlockKick) => {
-                assert_eq!(site.how, How::Nop, "{site:?}");
+                assert_eq!(site.how(), How::Nop, "{site:?}");
                 assert_nops(site);
             }
             (PvLock::Native | PvLock::SchedYield, Op::Unlock) => assert_native_unlock(site),
             (PvLock::Futex | PvLock::SchedYield, _) => {
-                assert_eq!(site.how, How::Call, "{site:?}");
+                assert_eq!(site.how(), How::Call, "{site:?}");
                 assert_calls(site, variant.name());
             }
             (PvLock::Default, _) => assert_calls(site, "default"),

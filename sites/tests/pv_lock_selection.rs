@@ -24,7 +24,7 @@ fn selected(cpu: Cpu) -> (Option<PvLock>, Vec<String>) {
     assert_eq!(use_the_lock(), 2);
     let report = Patcher::new().cpu(cpu).apply();
     assert!(report.error.is_none(), "{report}");
-    let whys = report.site(pv::SITE).map(|s| s.why.to_string()).collect();
+    let whys = report.site(pv::SITE).map(|s| s.why().to_string()).collect();
     (pv::chosen(&report), whys)
 }
 
@@ -87,7 +87,7 @@ fn overrides_beat_selection_and_sched_yield_needs_one() {
             assert!(
                 report
                     .site(pv::SITE)
-                    .all(|s| s.why.starts_with("forced by ALTPATCH")),
+                    .all(|s| s.why().starts_with("forced by ALTPATCH")),
                 "{report}"
             );
         }

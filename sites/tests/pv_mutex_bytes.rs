@@ -17,7 +17,7 @@ use iced_x86::{MemorySize, Mnemonic, OpKind, Register};
 fn hybrid_sites(report: &altpatch::Report) -> Vec<&SiteReport> {
     report
         .site(pv::SITE)
-        .filter(|s| s.file.ends_with("pvlock.rs"))
+        .filter(|s| s.file().ends_with("pvlock.rs"))
         .collect()
 }
 
@@ -43,7 +43,7 @@ fn use_the_lock() -> u64 {
 }
 
 fn assert_native_unlock(site: &SiteReport) {
-    assert_eq!(site.how, How::Inline, "{site:?}");
+    assert_eq!(site.how(), How::Inline, "{site:?}");
     let instrs = decode_site(site);
     let store = instrs[0];
     assert_eq!(store.mnemonic(), Mnemonic::Mov, "{instrs:?}");
@@ -77,7 +77,7 @@ fn check_variant(variant: PvLock) {
             (PvLock::Native | PvLock::SchedYield, Op::Unlock) => assert_native_unlock(site),
             (PvLock::Default, _) => assert_calls(site, "default"),
             (_, _) => {
-                assert_eq!(site.how, How::Call, "{site:?}");
+                assert_eq!(site.how(), How::Call, "{site:?}");
                 assert_calls(site, variant.name());
             }
         }
@@ -163,7 +163,7 @@ fn selection_follows_the_ticket_lock() {
         let sites = hybrid_sites(&report);
         assert!(!sites.is_empty(), "{report}");
         for s in sites {
-            assert_eq!(s.chosen, expected.name(), "{s:?}");
+            assert_eq!(s.chosen(), expected.name(), "{s:?}");
         }
         assert_eq!(pv::chosen(&report), Some(expected), "{report}");
         assert_eq!(use_the_lock(), 2);

@@ -47,7 +47,7 @@ fn copy_small_in_every_variant() {
                 assert_calls(s, "default");
                 continue;
             }
-            assert_eq!(s.how, How::Inline);
+            assert_eq!(s.how(), How::Inline);
             let instrs = decode_site(s);
             assert_eq!(instrs[0].mnemonic(), Mnemonic::Mov);
             assert_eq!(instrs[0].op0_register(), Register::RCX);

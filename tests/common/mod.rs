@@ -54,13 +54,13 @@ pub fn cpu_with(features: &[Feature]) -> Cpu {
 /// The instructions at a site now, read back from the running program's text.
 pub fn decode_site(site: &SiteReport) -> Vec<Instruction> {
     // SAFETY: the report's address and length describe a site in this program's mapped text.
-    let bytes = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
-    let mut decoder = Decoder::with_ip(64, bytes, site.addr as u64, DecoderOptions::NONE);
+    let bytes = unsafe { std::slice::from_raw_parts(site.addr() as *const u8, site.len()) };
+    let mut decoder = Decoder::with_ip(64, bytes, site.addr() as u64, DecoderOptions::NONE);
     let instrs: Vec<Instruction> = decoder.iter().collect();
     assert!(
         instrs.iter().all(|i| !i.is_invalid()),
         "{} decodes: {bytes:02x?}",
-        site.name
+        site.name()
     );
     instrs
 }
@@ -73,17 +73,17 @@ pub fn candidate_call_target(site: &SiteReport, candidate: &str) -> u64 {
 /// Where the record's block for `candidate` branches with `mnemonic` (`Call` or `Jmp`).
 pub fn candidate_branch_target(site: &SiteReport, candidate: &str, mnemonic: Mnemonic) -> u64 {
     let index = site
-        .candidates
-        .iter()
-        .position(|c| *c == candidate)
+        .candidates()
+        .position(|c| c == candidate)
         .expect("candidate exists");
-    let record = altpatch::__private::records()
-        .iter()
-        .find(|r| r.site_addr() == site.addr)
-        .expect("the report's site has a record");
-    let (bytes, ip) = record.replacement(index).expect("block exists");
+    let (bytes, ip) = site.record().replacement(index).expect("block exists");
     let branch = Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE).decode();
-    assert_eq!(branch.mnemonic(), mnemonic, "{candidate} of {}", site.name);
+    assert_eq!(
+        branch.mnemonic(),
+        mnemonic,
+        "{candidate} of {}",
+        site.name()
+    );
     branch.near_branch_target()
 }
 

@@ -44,7 +44,7 @@ pub fn force_site(site: &str, candidate: &str) -> Report {
         "no {site} site in this binary:\n{report}"
     );
     for s in copies {
-        assert_eq!(s.chosen, candidate, "{report}");
+        assert_eq!(s.chosen(), candidate, "{report}");
     }
     report
 }
@@ -66,8 +66,8 @@ pub fn other_hypervisor(signature: &[u8; 12]) -> Cpu {
 /// The instructions at a site now, read back from the running program's text.
 pub fn decode_site(site: &SiteReport) -> Vec<Instruction> {
     // SAFETY: the report's address and length describe a site in this program's mapped text.
-    let bytes = unsafe { std::slice::from_raw_parts(site.addr as *const u8, site.len) };
-    decode(bytes, site.addr as u64)
+    let bytes = unsafe { std::slice::from_raw_parts(site.addr() as *const u8, site.len()) };
+    decode(bytes, site.addr() as u64)
 }
 
 pub fn decode(bytes: &[u8], ip: u64) -> Vec<Instruction> {
@@ -84,15 +84,10 @@ pub fn decode(bytes: &[u8], ip: u64) -> Vec<Instruction> {
 /// The bytes and address of `candidate`'s block in the record of `site`.
 pub fn candidate_block(site: &SiteReport, candidate: &str) -> (&'static [u8], u64) {
     let index = site
-        .candidates
-        .iter()
-        .position(|c| *c == candidate)
-        .unwrap_or_else(|| panic!("{} has no candidate {candidate}", site.name));
-    let record = altpatch::__private::records()
-        .iter()
-        .find(|r| r.site_addr() == site.addr)
-        .expect("the report's site has a record");
-    let (bytes, ip) = record.replacement(index).expect("block exists");
+        .candidates()
+        .position(|c| c == candidate)
+        .unwrap_or_else(|| panic!("{} has no candidate {candidate}", site.name()));
+    let (bytes, ip) = site.record().replacement(index).expect("block exists");
     (bytes, ip as u64)
 }
 
@@ -124,8 +119,8 @@ pub fn assert_calls(site: &SiteReport, candidate: &str) {
         instrs[0].near_branch_target(),
         candidate_call_target(site, candidate),
         "{} at {:#x} calls {candidate}",
-        site.name,
-        site.addr
+        site.name(),
+        site.addr()
     );
     assert!(rest_is_filler(&instrs, 1), "{instrs:?}");
 }
@@ -136,10 +131,10 @@ pub fn assert_nops(site: &SiteReport) {
     assert!(
         instrs.iter().all(|i| i.mnemonic() == Mnemonic::Nop),
         "{} at {:#x}: {instrs:?}",
-        site.name,
-        site.addr
+        site.name(),
+        site.addr()
     );
-    assert_eq!(instrs.iter().map(|i| i.len()).sum::<usize>(), site.len);
+    assert_eq!(instrs.iter().map(|i| i.len()).sum::<usize>(), site.len());
 }
 
 /// Whether the env var asks for the long stress runs.
