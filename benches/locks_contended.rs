@@ -1,13 +1,18 @@
 //! Contended throughput and fairness at 1, 2, 4, 8 and 16 threads on this machine, for every lock:
 //! each thread takes the lock, bumps a shared counter, releases, for a fixed time. Fairness is
-//! max/min acquisitions per thread. Writes `benches/contended.svg`.
+//! max/min acquisitions per thread, printed next to max/min CPU time per thread (the part of the
+//! spread the scheduler decided). Writes `benches/contended.svg`.
 //!
-//! `cargo bench --bench locks_contended` (300 ms per point); `ALTPATCH_BENCH_QUICK=1` or
-//! `cargo test --benches` (a short run that only checks it works).
+//! `cargo bench --bench locks_contended` (1 s per point: at 8 threads on 2 cores a thread runs
+//! only about 20 time slices in 300 ms, and their count alone spreads max/min); `ALTPATCH_BENCH_QUICK=1` or
+//! `cargo test --benches` (a short run that only checks it works). `ALTPATCH_BENCH_POINT_MS=n`
+//! sets the time per point; `cargo bench --bench locks_contended -- hybrid` measures only the
+//! locks whose name contains `hybrid` (and writes no plot).
 
 #[path = "plain_ticket.rs"]
 mod plain_ticket;
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,20 +23,32 @@ use plotters::prelude::*;
 
 const THREADS: [usize; 5] = [1, 2, 4, 8, 16];
 
+/// CPU time this thread has run.
+fn thread_cpu_time() -> Duration {
+    // SAFETY: clock_gettime fills the timespec it is given; an all-zero timespec is valid.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts
+    };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Runs `threads` threads for `time`, each calling `critical` in a loop; returns acquisitions
-/// per thread.
-fn run(threads: usize, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<u64> {
+/// and CPU time per thread.
+fn run(threads: usize, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<(u64, Duration)> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
                     let mut n = 0u64;
+                    let cpu = thread_cpu_time();
                     while !stop.load(Ordering::Relaxed) {
                         critical();
                         n += 1;
                     }
-                    n
+                    (n, thread_cpu_time() - cpu)
                 })
             })
             .collect();
@@ -45,25 +62,40 @@ struct Point {
     threads: usize,
     mops: f64,
     fairness: f64,
+    /// max/min CPU time per thread: the part of `fairness` the scheduler decided.
+    cpu_fairness: f64,
 }
 
+/// The name filter given on the command line, if any.
+static FILTER: OnceLock<Option<String>> = OnceLock::new();
+
 fn measure(name: &str, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<Point> {
+    if FILTER
+        .get()
+        .and_then(Option::as_deref)
+        .is_some_and(|f| !name.contains(f))
+    {
+        return Vec::new();
+    }
     THREADS
         .iter()
         .map(|&threads| {
             let start = Instant::now();
-            let counts = run(threads, time, critical);
+            let (counts, cpu): (Vec<u64>, Vec<Duration>) =
+                run(threads, time, critical).into_iter().unzip();
             let secs = start.elapsed().as_secs_f64();
             let total: u64 = counts.iter().sum();
             let (max, min) = (*counts.iter().max().unwrap(), *counts.iter().min().unwrap());
+            let (cpu_max, cpu_min) = (cpu.iter().max().unwrap(), cpu.iter().min().unwrap());
             let p = Point {
                 threads,
                 mops: total as f64 / secs / 1e6,
                 fairness: max as f64 / min.max(1) as f64,
+                cpu_fairness: cpu_max.as_secs_f64() / cpu_min.as_secs_f64().max(1e-9),
             };
             println!(
-                "{name:<24} {threads:>2} threads {:>9.3} M/s  max/min {:>8.1}",
-                p.mops, p.fairness
+                "{name:<24} {threads:>2} threads {:>9.3} M/s  max/min {:>8.1}  (cpu time max/min {:>4.1})",
+                p.mops, p.fairness, p.cpu_fairness
             );
             p
         })
@@ -135,7 +167,12 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let time = Duration::from_millis(if quick { 10 } else { 300 });
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    FILTER.get_or_init(|| filter.clone());
+    let point_ms = std::env::var("ALTPATCH_BENCH_POINT_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok());
+    let time = Duration::from_millis(point_ms.unwrap_or(if quick { 10 } else { 1000 }));
     altpatch::apply_patches();
     println!(
         "{} ms per point on {} CPUs",
@@ -214,7 +251,7 @@ fn main() {
             h8.mops / std8.mops
         );
     }
-    if !quick {
+    if !quick && filter.is_none() {
         match plot(&results, "benches/contended.svg") {
             Ok(()) => println!("plot: benches/contended.svg"),
             Err(e) => println!("plot failed: {e}"),
