@@ -93,6 +93,22 @@ fn bench_popcount(c: &mut Criterion, patched: bool) {
         g.bench_function("is_x86_feature_detected", |b| b.iter(|| each(via_detect)));
         g.bench_function("multiversion", |b| b.iter(|| each(pc_multiversion)));
         g.bench_function("no_code", |b| b.iter(|| each(|x| x)));
+        // What the NOP'd site is, compiled in: its argument moved to `rdi`, then a 5-byte NOP.
+        g.bench_function("nop5_asm", |b| {
+            b.iter(|| {
+                each(|x| {
+                    // SAFETY: one NOP instruction (`nop dword ptr [rax+rax]`); touches nothing.
+                    unsafe {
+                        std::arch::asm!(
+                            ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                            in("rdi") x,
+                            options(nomem, nostack, preserves_flags)
+                        )
+                    };
+                    x
+                })
+            })
+        });
     }
     let tag = if patched { "patched" } else { "unpatched" };
     g.bench_function(format!("altpatch_trampoline_{tag}"), |b| {
@@ -193,7 +209,15 @@ fn main() {
         "no_code",
         &[
             ("altpatch_nop_site_patched", Some(1.02)),
+            ("nop5_asm", None),
             ("altpatch_nop_site_unpatched", None),
         ],
+    );
+    ratios::print_table(
+        "dispatch",
+        per,
+        "call",
+        "nop5_asm",
+        &[("altpatch_nop_site_patched", None)],
     );
 }
