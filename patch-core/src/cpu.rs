@@ -5,6 +5,7 @@
 //! cover (leaf 7 EDX, the hypervisor leaf scan) are read from the raw leaves here.
 
 use core::fmt;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use raw_cpuid::{
@@ -431,6 +432,41 @@ impl Hypervisor {
     }
 }
 
+/// Reads each CPUID leaf once. In a VM guest every CPUID exits to the hypervisor (about 7 µs on
+/// this project's KVM guest), and `raw-cpuid` reads leaf 0 again before each group of leaves.
+struct Memo<'a, S: ?Sized> {
+    source: &'a S,
+    read: RefCell<Vec<LeafRead>>,
+}
+
+/// `(leaf, subleaf)` and the registers read.
+type LeafRead = ((u32, u32), [u32; 4]);
+
+impl<'a, S: CpuidSource + ?Sized> Memo<'a, S> {
+    fn new(source: &'a S) -> Self {
+        Memo {
+            source,
+            read: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl<S: CpuidSource + ?Sized> CpuidSource for Memo<'_, S> {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let key = (leaf, subleaf);
+        if let Some(&(_, regs)) = self.read.borrow().iter().find(|(k, _)| *k == key) {
+            return regs;
+        }
+        let regs = self.source.cpuid(leaf, subleaf);
+        self.read.borrow_mut().push((key, regs));
+        regs
+    }
+
+    fn xcr0(&self) -> Option<u64> {
+        self.source.xcr0()
+    }
+}
+
 /// Adapts any [`CpuidSource`] to `raw-cpuid`'s reader trait.
 struct Reader<'a, S: ?Sized>(&'a S);
 
@@ -465,6 +501,7 @@ impl Cpu {
     /// Detects from any CPUID source: feature bits, masked by the OS-enabled XCR0 state, plus the
     /// hypervisor.
     pub fn from_source(source: &impl CpuidSource) -> Cpu {
+        let source = &Memo::new(source);
         let cpuid = CpuId::with_cpuid_reader(Reader(source));
         let vendor = cpuid.get_vendor_info();
         let vendor = vendor
@@ -693,6 +730,32 @@ mod tests {
             " kvm features 0xa8 hints 0x1 pv_unhalt steal_time hints_realtime",
         );
         assert_eq!(line, want);
+    }
+
+    /// Every CPUID is a VM exit in a guest: detection reads no leaf twice.
+    #[test]
+    fn detection_reads_each_leaf_once() {
+        struct Counting(FakeCpuid, RefCell<Vec<(u32, u32)>>);
+        impl CpuidSource for Counting {
+            fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+                self.1.borrow_mut().push((leaf, subleaf));
+                self.0.cpuid(leaf, subleaf)
+            }
+            fn xcr0(&self) -> Option<u64> {
+                self.0.xcr0()
+            }
+        }
+        let fake = FakeCpuid::new()
+            .with_features(set(&[Avx2, Popcnt, Fsrm]))
+            .with_kvm(0x4000_0000, 1 << 9, 0);
+        let counting = Counting(fake, RefCell::default());
+        let cpu = Cpu::from_source(&counting);
+        assert!(cpu.has(Avx2) && cpu.has(Fsrm) && cpu.hypervisor().is_some());
+        let mut reads = counting.1.take();
+        let all = reads.len();
+        reads.sort_unstable();
+        reads.dedup();
+        assert_eq!(all, reads.len(), "{reads:x?}");
     }
 
     #[test]
