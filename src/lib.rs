@@ -150,7 +150,10 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 ///   exactly 5 to switch back as freely) can be written while other threads run; a longer one,
 ///   or several, only when no other thread runs, as at a program's start (a thread may be
 ///   stopped inside the old bytes: see [`LiveWrite`]);
-/// * `predicate => nop` (call-site mode, functions returning `()`): nothing at all.
+/// * `predicate => nop` (call-site mode, functions returning `()`): nothing at all. The
+///   caller's code around the site stays as compiled for a call (the argument in `rdi`, live
+///   values in callee-saved registers); a hook that must cost only its NOP when off belongs
+///   behind [`static_branch_unlikely!`] (`benches/README.md` measures both).
 ///
 /// Predicates: a feature name ([`Feature`]: `avx2`, `sse4_2`, `popcnt`, ...), `all(..)`,
 /// `any(..)`, `not(..)`, `hypervisor` (any), `hypervisor = "kvm"`, `kvm_hints_realtime`,
