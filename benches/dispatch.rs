@@ -89,6 +89,14 @@ fn static_branch_off() -> u64 {
     })
 }
 
+/// The hook's call site in the loop: NOPs once patched.
+fn nop_site() -> u64 {
+    each(|x| {
+        hook(x);
+        x
+    })
+}
+
 /// What the NOP'd site is, compiled in: its argument moved to `rdi`, then a 5-byte NOP.
 fn nop5_asm() -> u64 {
     each(|x| {
@@ -136,14 +144,7 @@ fn bench_popcount(c: &mut Criterion, patched: bool) {
     g.bench_function(format!("altpatch_inline_{tag}"), |b| {
         b.iter(|| each(pc_inline))
     });
-    g.bench_function(format!("altpatch_nop_site_{tag}"), |b| {
-        b.iter(|| {
-            each(|x| {
-                hook(x);
-                x
-            })
-        })
-    });
+    g.bench_function(format!("altpatch_nop_site_{tag}"), |b| b.iter(nop_site));
     g.finish();
 }
 
@@ -179,15 +180,9 @@ fn interleaved_ratio(a: &dyn Fn() -> u64, b: &dyn Fn() -> u64) -> f64 {
 /// The three ≤ 1.02 targets, the NOP'd site against its compiled-in form and a static branch's
 /// NOP against no code, measured interleaved while the sites are patched: (pair, ratio, target).
 fn interleaved_targets() -> Vec<(&'static str, f64, Option<f64>)> {
-    // SAFETY (both closures): main checked POPCNT.
+    // SAFETY: main checked POPCNT.
     let direct = || each(|x| unsafe { popcnt_tf(x) });
     let no_code = || each(|x| x);
-    let nop_site = || {
-        each(|x| {
-            hook(x);
-            x
-        })
-    };
     vec![
         (
             "altpatch_call_site_patched / direct_call",
