@@ -30,7 +30,7 @@
 //! POPCNT, `apply_patches()` turns
 //!
 //! ```text
-//! e8 xx xx xx xx    call popcount::__altpatch_default
+//! e8 xx xx xx xx    call popcount::__altpatch_default_popcount
 //! 90                nop
 //! ```
 //! into
@@ -76,9 +76,13 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// Makes a function patchable: its body is the portable default, the listed candidates are
 /// chosen at startup by [`apply_patches()`].
 ///
-/// **Trampoline mode** (the default) works for any non-generic function or inherent method:
-/// callers make a direct `call` to a per-function trampoline whose `jmp` is retargeted to the
-/// winner. When the winner's compiled body is short straight-line code through its `ret` (up to
+/// **Trampoline mode** (the default) works for any non-generic function or method (methods
+/// need [`#[alternative_impl]`](macro@alternative_impl) on their impl block): callers make a
+/// direct `call` to a per-function trampoline whose `jmp` is retargeted to the winner. When the
+/// signature fits the C ABI in registers (as call-site mode's must, below), that `call` is made
+/// from an `asm!` block, so it is a `call rel32` from other crates too; with any other signature
+/// it is a Rust call, which a caller in another crate makes through the GOT in a PIE build
+/// (`call [rip + GOT]`: one load more). When the winner's compiled body is short straight-line code through its `ret` (up to
 /// the trampoline's 16 bytes: a `popcnt; ret`) and no other thread runs, the trampoline holds a
 /// copy of that body instead of the `jmp`, so a call through it costs what a direct call costs.
 /// A candidate with another signature is a type error; `#[target_feature]` candidates are fine
@@ -96,6 +100,7 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// }
 ///
 /// struct Table(Vec<u32>);
+/// #[altpatch::alternative_impl]
 /// impl Table {
 ///     #[altpatch::alternative(avx2 => Self::total_avx2)]
 ///     fn total(&self) -> u64 {
@@ -114,9 +119,14 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 ///
 /// **Call-site mode** (`inline`) makes every inlined call a site of its own, so a patched call
 /// costs exactly a direct call, the native instruction, or nothing. The signature must fit the C
-/// ABI in registers: up to six integer, `bool` or raw-pointer arguments (in `rdi`, `rsi`, `rdx`,
-/// `rcx`, `r8`, `r9`) and up to eight `f32`/`f64` (in `xmm0`..), returning one of those (in
-/// `rax` or `xmm0`) or `()`.
+/// ABI in registers: up to six integer, `bool`, raw-pointer or reference arguments (in `rdi`,
+/// `rsi`, `rdx`, `rcx`, `r8`, `r9`; a slice takes two, pointer and length) and up to eight
+/// `f32`/`f64` (in `xmm0`..), returning one of those (in `rax` or `xmm0`), `()`, or a pointer
+/// that `Option` keeps in one register: `&T`, `NonNull<T>`, `Option<&T>`, `Option<NonNull<T>>`
+/// (null for `None`). `Option<*const T>` is two registers: return the raw pointer instead.
+/// Each inlined copy is a site (a function called from many places makes many); an
+/// `#[inline(never)]` on the function keeps it out of line, one site for every caller, at the
+/// cost of a call to reach it.
 ///
 /// ```
 /// fn popcount_hw(x: u64) -> u64 {
@@ -162,9 +172,64 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// what `ALTPATCH=site=name` and the report use. `name = "..."` sets the site's own name (by
 /// default `module::function`), so that several functions can share one `ALTPATCH` choice.
 ///
-/// Generic functions, `async fn` and unsupported signatures are compile errors that say what to
-/// do instead.
+/// `crate = path` says where this crate is when it is not `::altpatch` (a renamed dependency,
+/// `ap = { package = "altpatch", .. }`, or a re-export from your own crate), as serde's and
+/// tracing's macros take it: `#[ap::alternative(crate = ap, avx2 => sum_avx2)]`.
+///
+/// The function's attributes stay on it. One `#[inline]`, `#[inline(never)]` or
+/// `#[inline(always)]` is used as written; without one it gets `#[inline(always)]`, or `#[inline]`
+/// when it has `#[target_feature]`, which also compiles the default's body (its callers need
+/// the features, as without the macro).
+///
+/// Generic functions, methods of generic impls, `async fn`, unsupported signatures and methods
+/// outside an `#[alternative_impl]` block are compile errors that say what to do instead.
 pub use patch_macros::alternative;
+
+/// Placed on an impl block, expands the [`#[alternative]`](macro@alternative) methods in it:
+/// a method's attribute alone sees neither its type nor its trait.
+///
+/// Each site is named after its type, `module::Type::method` (`ALTPATCH=Type::method=..` picks
+/// it), and the generated functions go into an inherent impl of the type, so methods of trait
+/// impls work too. Generic impls are refused (each instantiation would need its own site).
+/// `crate = path` is passed on to the methods.
+///
+/// ```
+/// pub struct Histogram(Vec<u32>);
+///
+/// #[altpatch::alternative_impl]
+/// impl Histogram {
+///     #[altpatch::alternative(inline, popcnt => asm("popcnt rax, rsi"))]
+///     pub fn ones(&self, x: u64) -> u64 {
+///         u64::from(x.count_ones())
+///     }
+/// }
+///
+/// #[altpatch::alternative_impl]
+/// impl std::ops::Index<usize> for Histogram {
+///     type Output = u32;
+///     #[altpatch::alternative(avx2 => Self::bucket)]
+///     fn index(&self, i: usize) -> &u32 {
+///         &self.0[i]
+///     }
+/// }
+///
+/// impl Histogram {
+///     fn bucket(&self, i: usize) -> &u32 {
+///         &self.0[i]
+///     }
+/// }
+///
+/// let report = altpatch::apply_patches();
+/// assert!(report.site("Histogram::ones").count() > 0);
+/// let h = Histogram(vec![1, 2]);
+/// assert_eq!(h.ones(0b111), 3);
+/// assert_eq!(h[1], 2);
+/// ```
+///
+/// Without it, `#[alternative]` on a method (a function with a receiver or naming `Self`) is a
+/// compile error that asks for it; an associated function that does neither is expanded like a
+/// free function, named `module::function`.
+pub use patch_macros::alternative_impl;
 
 /// Multi-way inline assembly, like the kernel's `ALTERNATIVE_2/_3`: the default instructions
 /// and candidates with predicates, padded at build time to the longest, operands bound as in
@@ -193,8 +258,12 @@ pub use patch_macros::alternative;
 /// assert_eq!(times3(14), 42);
 /// ```
 ///
+/// The default and each candidate are one instruction string or several, as `asm!` takes them
+/// (`bmi2 => "lea {r}, [{x} + {x}*2]", "add {r}, 1"`; a list `["..", ".."]` works too).
 /// Replacements may contain relative branches, calls and RIP-relative operands: they are
-/// relocated when copied into the site. Candidates are named as in [`alternative`](macro@alternative).
+/// relocated when copied into the site. Candidates are named as in [`alternative`](macro@alternative);
+/// `name = "..."` names the site and `crate = path` finds this crate under another name, both
+/// before the default.
 pub use patch_macros::alternative_asm;
 
 #[doc(hidden)]

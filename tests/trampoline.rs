@@ -28,6 +28,7 @@ pub struct Greeter {
     greeting: String,
 }
 
+#[altpatch::alternative_impl]
 impl Greeter {
     fn greet_loud(&self, name: &str, times: usize) -> String {
         format!("{}, {}!", self.greeting.to_uppercase(), name.repeat(times))

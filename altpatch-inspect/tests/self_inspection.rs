@@ -78,7 +78,7 @@ fn names_predicates_and_blocks_come_out_as_written() {
     // Branch targets are named after the symbol holding them (from `.symtab`, demangled).
     let call = default["disassembly"][0].as_str().unwrap();
     assert!(
-        call.ends_with(" <self_inspection::common::popcount::__altpatch_default>"),
+        call.ends_with(" <self_inspection::common::popcount::__altpatch_default_popcount>"),
         "{call}"
     );
 

@@ -3,7 +3,8 @@
 //! ```text
 //! alternative_asm!(
 //!     name = "mul3",                               // optional; default `module::alternative_L<line>`
-//!     "imul {r}, {x}, 3",                          // the default: a string, or ["line", ...]
+//!     crate = altpatch,                            // optional: the facade's path
+//!     "imul {r}, {x}, 3",                          // the default: strings, as `asm!` takes them
 //!     bmi2 => "lea {r}, [{x} + {x}*2]",            // candidates, in preference order
 //!     x = in(reg) x, r = lateout(reg) r,           // `asm!` operands and options, passed through
 //! )
@@ -16,32 +17,39 @@ use proc_macro2::TokenStream as TokenStream2;
 use quote::quote;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
-use syn::{Error, Ident, LitStr, Token, bracketed};
+use syn::{Error, Ident, LitStr, Path, Token, bracketed};
 
-use crate::{PredicateArg, asm, parse_name_option};
+use crate::{PredicateArg, asm, parse_option};
 
 pub struct InlineSeq {
     name: Option<LitStr>,
+    krate: Option<Path>,
     default: Vec<LitStr>,
     candidates: Vec<(String, PredicateArg, Vec<LitStr>)>,
     operands: TokenStream2,
 }
 
+/// One instruction string, several as `asm!` takes them (`"a", "b"`), or a list `["a", "b"]`.
 fn lines(input: ParseStream<'_>) -> syn::Result<Vec<LitStr>> {
     if input.peek(syn::token::Bracket) {
         let content;
         bracketed!(content in input);
-        Ok(Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?
+        return Ok(Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?
             .into_iter()
-            .collect())
-    } else {
-        Ok(vec![input.parse()?])
+            .collect());
     }
+    let mut lines = vec![input.parse()?];
+    while input.peek(Token![,]) && input.peek2(LitStr) {
+        input.parse::<Token![,]>()?;
+        lines.push(input.parse()?);
+    }
+    Ok(lines)
 }
 
 impl Parse for InlineSeq {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let name = parse_name_option(input)?;
+        let (mut name, mut krate) = (None, None);
+        while parse_option(input, &mut name, &mut krate)? {}
         let default = lines(input)?;
         let mut candidates = Vec::new();
         while input.peek(Token![,]) {
@@ -83,6 +91,7 @@ impl Parse for InlineSeq {
         }
         Ok(InlineSeq {
             name,
+            krate,
             default,
             candidates,
             operands: input.parse()?,
@@ -110,9 +119,12 @@ pub fn expand(seq: InlineSeq) -> syn::Result<TokenStream2> {
             .map(|(_, _, body)| asm::Block::Asm(body.iter().map(LitStr::value).collect())),
     );
     let template = asm::padded_site(&blocks);
-    let p = quote!(::altpatch::__private);
+    let p = match &seq.krate {
+        Some(path) => quote!(#path::__private),
+        None => quote!(::altpatch::__private),
+    };
     let predicates = std::iter::once(quote!(#p::Predicate::Always))
-        .chain(seq.candidates.iter().map(|(_, pr, _)| pr.to_tokens()));
+        .chain(seq.candidates.iter().map(|(_, pr, _)| pr.to_tokens(&p)));
     let texts = std::iter::once("always".to_string())
         .chain(seq.candidates.iter().map(|(_, pr, _)| pr.text()));
     let site_name = match &seq.name {

@@ -1,5 +1,6 @@
 //! Procedural macros of `altpatch`. Use them through the `altpatch` crate, which documents them;
-//! this crate only parses and generates, reaching runtime items through `::altpatch::__private`.
+//! this crate only parses and generates, reaching runtime items through `altpatch::__private`
+//! (or `<path>::__private` with `crate = path`).
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
@@ -7,10 +8,13 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{Error, FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Token, Type, parenthesized};
+use syn::{Attribute, Error, Ident, ItemFn, LitStr, Path, Token, parenthesized};
 
 mod asm;
+mod call_site;
 mod inline_seq;
+mod methods;
+mod regs;
 mod trampoline;
 
 /// See `altpatch::alternative`.
@@ -18,7 +22,27 @@ mod trampoline;
 pub fn alternative(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = syn::parse_macro_input!(args as Args);
     let func = syn::parse_macro_input!(item as ItemFn);
-    expand(args, func)
+    if mentions_self(&func.sig) {
+        // One error, and the function as written so that nothing else fails around it.
+        let error = Error::new(func.sig.ident.span(), METHOD_NEEDS_IMPL).into_compile_error();
+        return quote!(#error #func).into();
+    }
+    match expand(&args, &func, None) {
+        Ok(Expanded {
+            head,
+            helpers,
+            body,
+        }) => quote!(#head { #helpers #body }).into(),
+        Err(e) => e.into_compile_error().into(),
+    }
+}
+
+/// See `altpatch::alternative_impl`.
+#[proc_macro_attribute]
+pub fn alternative_impl(args: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(args as methods::ImplArgs);
+    let item = syn::parse_macro_input!(item as syn::ItemImpl);
+    methods::expand_impl(args, item)
         .unwrap_or_else(Error::into_compile_error)
         .into()
 }
@@ -32,11 +56,14 @@ pub fn alternative_asm(input: TokenStream) -> TokenStream {
         .into()
 }
 
-/// `inline, name: predicate => target, ...`
+/// `inline, name = "..", crate = path, name: predicate => target, ...`
+#[derive(Default)]
 struct Args {
     inline: Option<Span>,
     /// `name = "..."`: the site's name in reports and `ALTPATCH`, instead of `module::function`.
     name: Option<LitStr>,
+    /// `crate = path`: where the `altpatch` facade is, when it is not `::altpatch`.
+    krate: Option<Path>,
     candidates: Vec<CandidateArg>,
 }
 
@@ -69,12 +96,9 @@ enum Target {
 
 impl Parse for Args {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let mut inline = None;
-        let mut name = None;
-        let mut candidates = Vec::new();
+        let mut args = Args::default();
         while !input.is_empty() {
-            if let Some(given) = parse_name_option(input)? {
-                name = Some(given);
+            if parse_option(input, &mut args.name, &mut args.krate)? {
                 continue;
             }
             if input.peek(Ident) && input.peek2(Token![,])
@@ -84,42 +108,49 @@ impl Parse for Args {
                 let word: Ident = fork.parse()?;
                 if word == "inline" {
                     input.parse::<Ident>()?;
-                    inline = Some(word.span());
+                    args.inline = Some(word.span());
                     if !input.is_empty() {
                         input.parse::<Token![,]>()?;
                     }
                     continue;
                 }
             }
-            candidates.push(input.parse()?);
+            args.candidates.push(input.parse()?);
             if !input.is_empty() {
                 input.parse::<Token![,]>()?;
             }
         }
-        Ok(Args {
-            inline,
-            name,
-            candidates,
-        })
+        Ok(args)
     }
 }
 
-/// `name = "..."` (and the comma after it), if the input starts with it.
-fn parse_name_option(input: ParseStream<'_>) -> syn::Result<Option<LitStr>> {
-    let fork = input.fork();
-    if !(fork.parse::<Ident>().is_ok_and(|i| i == "name")
-        && fork.peek(Token![=])
-        && !fork.peek(Token![=>]))
-    {
-        return Ok(None);
+/// `name = "..."` or `crate = path` (and the comma after it), if the input starts with one;
+/// returns whether it did.
+fn parse_option(
+    input: ParseStream<'_>,
+    name: &mut Option<LitStr>,
+    krate: &mut Option<Path>,
+) -> syn::Result<bool> {
+    if input.peek(Token![crate]) && input.peek2(Token![=]) {
+        input.parse::<Token![crate]>()?;
+        input.parse::<Token![=]>()?;
+        *krate = Some(Path::parse_mod_style(input)?);
+    } else {
+        let fork = input.fork();
+        if !(fork.parse::<Ident>().is_ok_and(|i| i == "name")
+            && fork.peek(Token![=])
+            && !fork.peek(Token![=>]))
+        {
+            return Ok(false);
+        }
+        input.parse::<Ident>()?;
+        input.parse::<Token![=]>()?;
+        *name = Some(input.parse::<LitStr>()?);
     }
-    input.parse::<Ident>()?;
-    input.parse::<Token![=]>()?;
-    let name = input.parse::<LitStr>()?;
     if !input.is_empty() {
         input.parse::<Token![,]>()?;
     }
-    Ok(Some(name))
+    Ok(true)
 }
 
 impl Parse for CandidateArg {
@@ -245,8 +276,9 @@ impl PredicateArg {
         }
     }
 
-    fn to_tokens(&self) -> TokenStream2 {
-        let p = quote!(::altpatch::__private::Predicate);
+    /// The `Predicate` value, with `private` the path of `altpatch::__private`.
+    fn to_tokens(&self, private: &TokenStream2) -> TokenStream2 {
+        let p = quote!(#private::Predicate);
         match self {
             PredicateArg::Feature(ident) => {
                 let name = ident.to_string();
@@ -254,7 +286,7 @@ impl PredicateArg {
                     "altpatch: unknown CPU feature `{name}`; the names are those of altpatch::Feature, e.g. avx2, sse4_2, popcnt, bmi2"
                 );
                 quote_spanned! {ident.span()=>
-                    #p::Feature(match ::altpatch::__private::Feature::from_name_const(#name) {
+                    #p::Feature(match #private::Feature::from_name_const(#name) {
                         ::core::option::Option::Some(f) => f,
                         ::core::option::Option::None => ::core::panic!(#message),
                     })
@@ -268,7 +300,7 @@ impl PredicateArg {
                     kind.value()
                 );
                 quote_spanned! {kind.span()=>
-                    #p::Hypervisor(match ::altpatch::__private::HypervisorKind::from_name_const(#kind) {
+                    #p::Hypervisor(match #private::HypervisorKind::from_name_const(#kind) {
                         ::core::option::Option::Some(k) => k,
                         ::core::option::Option::None => ::core::panic!(#message),
                     })
@@ -279,11 +311,11 @@ impl PredicateArg {
                 quote!(#p::When(#name, #path))
             }
             PredicateArg::Not(inner) => {
-                let inner = inner.to_tokens();
+                let inner = inner.to_tokens(private);
                 quote!(#p::Not(&#inner))
             }
             PredicateArg::All(list) | PredicateArg::Any(list) => {
-                let items = list.iter().map(PredicateArg::to_tokens);
+                let items = list.iter().map(|p| p.to_tokens(private));
                 let variant = if matches!(self, PredicateArg::All(_)) {
                     quote!(All)
                 } else {
@@ -295,229 +327,229 @@ impl PredicateArg {
     }
 }
 
-/// How one argument or the return value travels in the C ABI.
-#[derive(Clone, Copy, PartialEq)]
-enum Class {
-    /// Integers, `bool`, raw pointers: a general-purpose register, widened to 64 bits.
-    Int,
-    /// `f32`/`f64`: an SSE register.
-    Float,
+/// The type (and trait) of the impl block a method is in, given by `#[alternative_impl]`.
+struct Owner {
+    type_name: String,
+    trait_name: Option<String>,
 }
 
-fn classify(ty: &Type) -> Option<Class> {
-    match ty {
-        Type::Ptr(_) => Some(Class::Int),
-        Type::Path(p) if p.qself.is_none() => {
-            let name = p.path.get_ident()?.to_string();
-            match name.as_str() {
-                "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize"
-                | "bool" => Some(Class::Int),
-                "f32" | "f64" => Some(Class::Float),
-                _ => None,
-            }
-        }
-        Type::Paren(inner) => classify(&inner.elem),
-        _ => None,
-    }
+/// A function made patchable: the wrapper that replaces it, and the items it calls.
+struct Expanded {
+    /// The wrapper's attributes and signature.
+    head: TokenStream2,
+    /// Generated items: nested in the wrapper for a free function, an inherent impl for methods.
+    helpers: TokenStream2,
+    /// The wrapper's body.
+    body: TokenStream2,
 }
 
-/// How an argument of a call site travels.
-enum ArgKind {
-    /// One register of `class`.
-    Scalar(Class),
-    /// `&[T]` / `&mut [T]`: pointer and length in two registers.
-    Slice { mutable: bool, elem: Type },
-    /// `&T` / `&mut T`: a pointer.
-    Ref { mutable: bool, elem: Type },
+/// What every mode needs to know about the function being expanded.
+struct Ctx<'a> {
+    args: &'a Args,
+    func: &'a ItemFn,
+    owner: Option<&'a Owner>,
+    names: Vec<String>,
+    /// `path::to::altpatch::__private`.
+    p: TokenStream2,
+    /// `Self::` when the helpers are siblings in an impl, else nothing.
+    prefix: TokenStream2,
+    /// The user's `#[target_feature]` attributes: the default's code needs them too.
+    features: Vec<&'a Attribute>,
+    /// The wrapper's inline attribute: the user's, else `#[inline]` with `#[target_feature]`
+    /// (rustc refuses `#[inline(always)]` there), else `#[inline(always)]`.
+    wrapper_inline: TokenStream2,
 }
 
-impl ArgKind {
-    fn of(ty: &Type) -> Option<ArgKind> {
-        if let Type::Reference(r) = ty {
-            let mutable = r.mutability.is_some();
-            return match &*r.elem {
-                Type::Slice(slice) => Some(ArgKind::Slice {
-                    mutable,
-                    elem: (*slice.elem).clone(),
-                }),
-                // A reference to an unsized type is two words that one register cannot hold.
-                Type::TraitObject(_) => None,
-                Type::Path(p) if p.path.is_ident("str") => None,
-                elem => Some(ArgKind::Ref {
-                    mutable,
-                    elem: elem.clone(),
-                }),
-            };
-        }
-        classify(ty).map(ArgKind::Scalar)
-    }
+const METHOD_NEEDS_IMPL: &str = "#[alternative] on a method needs #[altpatch::alternative_impl] on its impl block: \
+     it names the site after its type (`module::Type::method`) and puts the generated functions \
+     in an impl of their own (which also makes trait-impl methods work)";
 
-    fn classes(&self) -> Vec<Class> {
-        match self {
-            ArgKind::Scalar(class) => vec![*class],
-            ArgKind::Slice { .. } => vec![Class::Int, Class::Int],
-            ArgKind::Ref { .. } => vec![Class::Int],
-        }
-    }
-}
-
-/// One argument of a call site.
-struct Param {
-    ident: Ident,
-    ty: Type,
-    kind: ArgKind,
-    regs: Vec<&'static str>,
-    index: usize,
-}
-
-impl Param {
-    fn raw(&self, part: usize) -> Ident {
-        format_ident!("__altpatch_arg{}_{}", self.index, part)
-    }
-
-    /// The shim's parameters for this argument.
-    fn raw_params(&self) -> Vec<TokenStream2> {
-        let (p0, p1) = (self.raw(0), self.raw(1));
-        let ty = &self.ty;
-        match &self.kind {
-            ArgKind::Scalar(_) => vec![quote!(#p0: #ty)],
-            ArgKind::Slice {
-                mutable: false,
-                elem,
-            } => vec![quote!(#p0: *const #elem), quote!(#p1: usize)],
-            ArgKind::Slice {
-                mutable: true,
-                elem,
-            } => vec![quote!(#p0: *mut #elem), quote!(#p1: usize)],
-            ArgKind::Ref {
-                mutable: false,
-                elem,
-            } => vec![quote!(#p0: *const #elem)],
-            ArgKind::Ref {
-                mutable: true,
-                elem,
-            } => vec![quote!(#p0: *mut #elem)],
-        }
-    }
-
-    /// The Rust value, rebuilt inside a shim from its raw parts.
-    fn rebuild(&self) -> TokenStream2 {
-        let (p0, p1) = (self.raw(0), self.raw(1));
-        let safety = quote!(
-            // SAFETY: the site passes exactly the parts of a live reference of the caller,
-            // borrowed for the duration of the call.
-        );
-        match &self.kind {
-            ArgKind::Scalar(_) => quote!(#p0),
-            ArgKind::Slice { mutable: false, .. } => {
-                quote!({ #safety unsafe { ::core::slice::from_raw_parts(#p0, #p1) } })
-            }
-            ArgKind::Slice { mutable: true, .. } => {
-                quote!({ #safety unsafe { ::core::slice::from_raw_parts_mut(#p0, #p1) } })
-            }
-            ArgKind::Ref { mutable: false, .. } => quote!({ #safety unsafe { &*#p0 } }),
-            ArgKind::Ref { mutable: true, .. } => quote!({ #safety unsafe { &mut *#p0 } }),
-        }
-    }
-
-    /// The `asm!` inputs that put this argument in its registers.
-    fn in_operands(&self) -> Vec<TokenStream2> {
-        let ident = &self.ident;
-        let r = &self.regs;
-        match &self.kind {
-            ArgKind::Scalar(Class::Int) => vec![quote!(in(#(#r)*) (#ident as u64))],
-            ArgKind::Scalar(Class::Float) => vec![quote!(in(#(#r)*) #ident)],
-            ArgKind::Slice { mutable: false, .. } => {
-                let (a, b) = (r[0], r[1]);
-                vec![quote!(in(#a) #ident.as_ptr()), quote!(in(#b) #ident.len())]
-            }
-            ArgKind::Slice { mutable: true, .. } => {
-                let (a, b) = (r[0], r[1]);
-                vec![
-                    quote!(in(#b) #ident.len()),
-                    quote!(in(#a) #ident.as_mut_ptr()),
-                ]
-            }
-            ArgKind::Ref {
-                mutable: false,
-                elem,
-            } => vec![quote!(in(#(#r)*) (#ident as *const #elem))],
-            ArgKind::Ref {
-                mutable: true,
-                elem,
-            } => vec![quote!(in(#(#r)*) (#ident as *mut #elem))],
-        }
-    }
-}
-
-const INT_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
-const FLOAT_REGS: [&str; 8] = [
-    "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
-];
-
-const UNSUPPORTED_SIGNATURE: &str = "#[alternative(inline)] needs a signature that fits the C ABI in registers: up to six \
-     integer, bool, raw-pointer or reference arguments (a slice counts two) and up to eight f32/f64, \
-     returning an integer, bool, raw pointer, f32/f64 or (); remove `inline` to use a trampoline";
-
-fn expand(args: Args, func: ItemFn) -> syn::Result<TokenStream2> {
-    let sig = &func.sig;
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(Error::new(
-            sig.generics.span(),
-            "#[alternative] cannot patch a generic function: each instantiation would need its own site; \
-             write a non-generic wrapper and put #[alternative] on it",
-        ));
-    }
-    if let Some(a) = &sig.asyncness {
-        return Err(Error::new(
-            a.span(),
-            "#[alternative] cannot patch an `async fn`; patch the synchronous function it awaits",
-        ));
-    }
-    let mut names = vec!["default".to_string()];
-    for c in &args.candidates {
-        if names.contains(&c.name) {
+impl<'a> Ctx<'a> {
+    fn new(args: &'a Args, func: &'a ItemFn, owner: Option<&'a Owner>) -> syn::Result<Self> {
+        let sig = &func.sig;
+        if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
             return Err(Error::new(
-                c.span,
-                format!(
-                    "two candidates are named `{}`; name one with `other_name: predicate => target`",
-                    c.name
-                ),
+                sig.generics.span(),
+                "#[alternative] cannot patch a generic function: each instantiation would need its own site; \
+                 write a non-generic wrapper and put #[alternative] on it",
             ));
         }
-        names.push(c.name.clone());
+        if let Some(a) = &sig.asyncness {
+            return Err(Error::new(
+                a.span(),
+                "#[alternative] cannot patch an `async fn`; patch the synchronous function it awaits",
+            ));
+        }
+        let mut names = vec!["default".to_string()];
+        for c in &args.candidates {
+            if names.contains(&c.name) {
+                return Err(Error::new(
+                    c.span,
+                    format!(
+                        "two candidates are named `{}`; name one with `other_name: predicate => target`",
+                        c.name
+                    ),
+                ));
+            }
+            names.push(c.name.clone());
+        }
+        let inline: Vec<&Attribute> = func
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("inline"))
+            .collect();
+        if let [_, second, ..] = inline[..] {
+            return Err(Error::new(
+                second.span(),
+                "several #[inline] attributes: keep one (#[alternative] uses it for the function it generates)",
+            ));
+        }
+        let features: Vec<&Attribute> = func
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("target_feature"))
+            .collect();
+        let wrapper_inline = match (inline.first(), features.is_empty()) {
+            (Some(attr), _) => quote!(#attr),
+            (None, false) => quote!(#[inline]),
+            (None, true) => quote!(#[inline(always)]),
+        };
+        let krate = match &args.krate {
+            Some(path) => quote!(#path),
+            None => quote!(::altpatch),
+        };
+        Ok(Ctx {
+            args,
+            func,
+            owner,
+            names,
+            p: quote!(#krate::__private),
+            prefix: if owner.is_some() {
+                quote!(Self::)
+            } else {
+                quote!()
+            },
+            features,
+            wrapper_inline,
+        })
     }
-    if args.inline.is_some() {
-        expand_inline(&args, &func, &names)
-    } else {
-        trampoline::expand(&args, &func, &names)
+
+    /// The name of a generated item: `__altpatch_{role}_{fn}` (with the trait in a trait impl).
+    fn helper(&self, role: &str) -> Ident {
+        let f = &self.func.sig.ident;
+        match self.owner.and_then(|o| o.trait_name.as_ref()) {
+            Some(t) => format_ident!("__altpatch_{}_{}_{}", role, t, f),
+            None => format_ident!("__altpatch_{}_{}", role, f),
+        }
+    }
+
+    /// The wrapper's attributes (the user's, with one inline attribute) and signature.
+    fn head(&self) -> TokenStream2 {
+        let attrs = self
+            .func
+            .attrs
+            .iter()
+            .filter(|a| !a.path().is_ident("inline"));
+        let inline = &self.wrapper_inline;
+        let vis = &self.func.vis;
+        let sig = &self.func.sig;
+        quote!(#(#attrs)* #inline #vis #sig)
+    }
+
+    /// The function holding the user's body, called by the default's shim.
+    fn body_fn(&self, name: &Ident) -> TokenStream2 {
+        let sig = &self.func.sig;
+        let (unsafety, inputs, output) = (&sig.unsafety, &sig.inputs, &sig.output);
+        let block = &self.func.block;
+        let features = &self.features;
+        let inline = if features.is_empty() {
+            quote!(#[inline(always)])
+        } else {
+            quote!(#[inline])
+        };
+        quote! {
+            #[doc(hidden)]
+            #[allow(non_snake_case)]
+            #inline
+            #(#features)*
+            #unsafety fn #name(#inputs) #output #block
+        }
+    }
+
+    fn feature_attrs(&self) -> TokenStream2 {
+        let features = &self.features;
+        quote!(#(#features)*)
+    }
+
+    /// `unsafe` when the function is.
+    fn unsafe_call(&self, call: TokenStream2) -> TokenStream2 {
+        if self.func.sig.unsafety.is_some() {
+            quote!(unsafe { #call })
+        } else {
+            call
+        }
+    }
+
+    /// The `SiteDescriptor` initializer of the site.
+    fn descriptor(&self) -> TokenStream2 {
+        let p = &self.p;
+        let args = self.args;
+        let fn_name = &self.func.sig.ident;
+        let names = &self.names;
+        let predicates = std::iter::once(quote!(#p::Predicate::Always))
+            .chain(args.candidates.iter().map(|c| c.predicate.to_tokens(p)));
+        let texts = std::iter::once("always".to_string())
+            .chain(args.candidates.iter().map(|c| c.predicate.text()));
+        let site_name = match (&args.name, self.owner) {
+            (Some(name), _) => quote!(#name),
+            (None, Some(owner)) => {
+                let ty = &owner.type_name;
+                quote!(::core::concat!(
+                    ::core::module_path!(),
+                    "::",
+                    #ty,
+                    "::",
+                    ::core::stringify!(#fn_name)
+                ))
+            }
+            (None, None) => quote!(::core::concat!(
+                ::core::module_path!(),
+                "::",
+                ::core::stringify!(#fn_name)
+            )),
+        };
+        quote! {
+            #p::SiteDescriptor {
+                name: #site_name,
+                file: ::core::file!(),
+                line: ::core::line!(),
+                candidates: &[#(#p::Candidate { name: #names, predicate_text: #texts, predicate: #predicates }),*],
+                key: ::core::option::Option::None,
+            }
+        }
     }
 }
 
-/// The `SiteDescriptor` initializer of a site.
-fn descriptor(args: &Args, fn_name: &Ident, names: &[String]) -> TokenStream2 {
-    let p = quote!(::altpatch::__private);
-    let predicates = std::iter::once(quote!(#p::Predicate::Always))
-        .chain(args.candidates.iter().map(|c| c.predicate.to_tokens()));
-    let texts = std::iter::once("always".to_string())
-        .chain(args.candidates.iter().map(|c| c.predicate.text()));
-    let site_name = match &args.name {
-        Some(name) => quote!(#name),
-        None => quote!(::core::concat!(
-            ::core::module_path!(),
-            "::",
-            ::core::stringify!(#fn_name)
-        )),
-    };
-    quote! {
-        #p::SiteDescriptor {
-            name: #site_name,
-            file: ::core::file!(),
-            line: ::core::line!(),
-            candidates: &[#(#p::Candidate { name: #names, predicate_text: #texts, predicate: #predicates }),*],
-            key: ::core::option::Option::None,
-        }
+fn expand(args: &Args, func: &ItemFn, owner: Option<&Owner>) -> syn::Result<Expanded> {
+    let ctx = Ctx::new(args, func, owner)?;
+    if args.inline.is_some() {
+        call_site::expand(&ctx)
+    } else {
+        trampoline::expand(&ctx)
     }
+}
+
+/// Whether the signature has a receiver or names `Self`: then the generated functions must be
+/// items of the impl, which only `#[alternative_impl]` can place.
+fn mentions_self(sig: &syn::Signature) -> bool {
+    fn walk(tokens: TokenStream2) -> bool {
+        tokens.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Ident(i) => i == "Self" || i == "self",
+            proc_macro2::TokenTree::Group(g) => walk(g.stream()),
+            _ => false,
+        })
+    }
+    walk(quote!(#sig))
 }
 
 /// `#[target_feature]` for a candidate's shim: the features its predicate guarantees, so a
@@ -570,178 +602,5 @@ fn rustc_target_feature(name: &str) -> Option<&'static str> {
         "xsave" => "xsave",
         "cmpxchg16b" | "cx16" => "cmpxchg16b",
         _ => return None,
-    })
-}
-
-/// Call-site mode: every inlined call is a site with the C ABI in registers.
-fn expand_inline(args: &Args, func: &ItemFn, names: &[String]) -> syn::Result<TokenStream2> {
-    let sig = &func.sig;
-    // Arguments → registers, as raw parts the shims turn back into the Rust values.
-    let (mut ints, mut floats) = (0, 0);
-    let mut params: Vec<Param> = Vec::new();
-    for (i, input) in sig.inputs.iter().enumerate() {
-        let FnArg::Typed(pt) = input else {
-            return Err(Error::new(
-                input.span(),
-                "#[alternative(inline)] does not support methods; remove `inline` to use a trampoline",
-            ));
-        };
-        let Pat::Ident(pi) = &*pt.pat else {
-            return Err(Error::new(
-                pt.pat.span(),
-                "#[alternative(inline)] needs plain identifiers as argument patterns",
-            ));
-        };
-        let kind =
-            ArgKind::of(&pt.ty).ok_or_else(|| Error::new(pt.ty.span(), UNSUPPORTED_SIGNATURE))?;
-        let mut regs = Vec::new();
-        for class in kind.classes() {
-            let reg = match class {
-                Class::Int => INT_REGS.get(ints).inspect(|_| ints += 1),
-                Class::Float => FLOAT_REGS.get(floats).inspect(|_| floats += 1),
-            };
-            regs.push(*reg.ok_or_else(|| Error::new(pt.span(), UNSUPPORTED_SIGNATURE))?);
-        }
-        params.push(Param {
-            ident: pi.ident.clone(),
-            ty: (*pt.ty).clone(),
-            kind,
-            regs,
-            index: i,
-        });
-    }
-    let ret = match &sig.output {
-        ReturnType::Default => None,
-        ReturnType::Type(_, ty) if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) => None,
-        ReturnType::Type(_, ty) => Some((
-            (**ty).clone(),
-            classify(ty).ok_or_else(|| Error::new(ty.span(), UNSUPPORTED_SIGNATURE))?,
-        )),
-    };
-    for c in &args.candidates {
-        if matches!(c.target, Target::Nop) && ret.is_some() {
-            return Err(Error::new(
-                c.span,
-                "a `nop` candidate leaves no return value: only a function returning () can have one",
-            ));
-        }
-    }
-
-    let vis = &func.vis;
-    let attrs = &func.attrs;
-    let block = &func.block;
-    let fn_name = &sig.ident;
-    let inputs = &sig.inputs;
-    let output = &sig.output;
-    let unsafety = &sig.unsafety;
-    let raw_params: Vec<TokenStream2> = params.iter().flat_map(Param::raw_params).collect();
-    let rebuilt: Vec<TokenStream2> = params.iter().map(Param::rebuild).collect();
-
-    // One `extern "sysv64"` shim per call target, the default body included, taking the raw
-    // parts in the site's registers and calling the target with the Rust values.
-    let body_fn = format_ident!("__altpatch_body");
-    let shim = |name: &Ident, path: TokenStream2, features: TokenStream2| {
-        let call = if unsafety.is_some() {
-            quote_spanned!(path.span()=> unsafe { #path(#(#rebuilt),*) })
-        } else {
-            quote_spanned!(path.span()=> #path(#(#rebuilt),*))
-        };
-        quote_spanned! {path.span()=>
-            #[allow(improper_ctypes_definitions, clippy::missing_safety_doc)]
-            #features
-            #unsafety extern "sysv64" fn #name(#(#raw_params),*) #output {
-                // A candidate with another signature is a type error here.
-                #call
-            }
-        }
-    };
-    let default_fn = format_ident!("__altpatch_default");
-    let mut shims = vec![
-        quote! {
-            #[inline(always)]
-            #unsafety fn #body_fn(#inputs) #output #block
-        },
-        shim(&default_fn, quote!(#body_fn), quote!()),
-    ];
-    let mut syms = vec![(format_ident!("d0"), quote!(#default_fn))];
-    let mut blocks = vec![asm::Block::Call("d0".into())];
-    for (i, c) in args.candidates.iter().enumerate() {
-        blocks.push(match &c.target {
-            Target::Call(path) => {
-                let name = format_ident!("__altpatch_candidate_{}", i + 1);
-                shims.push(shim(&name, quote!(#path), shim_attributes(&c.predicate)));
-                let operand = format!("d{}", i + 1);
-                syms.push((format_ident!("d{}", i + 1), quote!(#name)));
-                asm::Block::Call(operand)
-            }
-            Target::Asm(lines) => asm::Block::Asm(lines.iter().map(LitStr::value).collect()),
-            Target::Nop => asm::Block::Nop,
-        });
-    }
-    let template = asm::padded_site(&blocks);
-    // Each operand under the name its `call {dN}` uses: N is the candidate's index, not the
-    // operand's position (asm and nop candidates have none).
-    let sym_operands = syms.iter().map(|(name, path)| quote!(#name = sym #path));
-    let desc = descriptor(args, fn_name, names);
-    let in_operands: Vec<TokenStream2> = params.iter().flat_map(Param::in_operands).collect();
-    let (out_operand, ret_value) = match &ret {
-        None => (quote!(), quote!()),
-        Some((ty, Class::Int)) if quote!(#ty).to_string() == "bool" => (
-            quote!(lateout("rax") __altpatch_ret,),
-            quote!((__altpatch_ret as u8) != 0),
-        ),
-        Some((ty, Class::Int)) => (
-            quote!(lateout("rax") __altpatch_ret,),
-            quote!(__altpatch_ret as #ty),
-        ),
-        Some((_, Class::Float)) => (
-            quote!(lateout("xmm0") __altpatch_ret,),
-            quote!(__altpatch_ret),
-        ),
-    };
-    let ret_decl = match &ret {
-        None => quote!(),
-        Some((_, Class::Int)) => quote!(let __altpatch_ret: u64;),
-        Some((ty, Class::Float)) => quote!(let __altpatch_ret: #ty;),
-    };
-    let kind = asm::KIND_CALL_SITE;
-    let arg_names: Vec<&Ident> = params.iter().map(|p| &p.ident).collect();
-    let unsafe_call = if unsafety.is_some() {
-        quote!(unsafe)
-    } else {
-        quote!()
-    };
-
-    Ok(quote! {
-        #(#attrs)*
-        #[inline(always)]
-        #vis #unsafety fn #fn_name(#inputs) #output {
-            #(#shims)*
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            {
-                static __ALTPATCH_SITE: ::altpatch::__private::SiteDescriptor = #desc;
-                #ret_decl
-                // SAFETY: the site calls an `extern "sysv64"` function with exactly these argument
-                // registers, or runs the instructions a candidate gave for the same registers;
-                // every caller-saved register is declared clobbered, and the stack is aligned for a
-                // call on entry to an asm block (no `nostack`).
-                unsafe {
-                    ::core::arch::asm!(
-                        #template,
-                        #(#sym_operands,)*
-                        desc = sym __ALTPATCH_SITE,
-                        kind = const #kind,
-                        #(#in_operands,)*
-                        #out_operand
-                        clobber_abi("C"),
-                    );
-                }
-                #ret_value
-            }
-            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-            {
-                #unsafe_call { #body_fn(#(#arg_names),*) }
-            }
-        }
     })
 }

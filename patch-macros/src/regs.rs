@@ -1,0 +1,501 @@
+//! Signatures that fit the C ABI in registers, and the code that calls a site with them.
+//!
+//! Call sites, and trampolines whose signature fits, are entered from an `asm!` block that puts
+//! the arguments in their registers and `call`s a `sym` operand. Unlike a Rust call, that `call`
+//! is a `call rel32` from any crate: rustc reaches a function of another crate through the GOT in
+//! a PIE build, while the assembler's `call sym` is a PLT32 relocation the linker resolves
+//! directly. The targets are `extern "sysv64"` shims that take the raw parts in those registers
+//! and rebuild the Rust values.
+
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Error, FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Signature, Type};
+
+/// How a value travels in the C ABI.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Class {
+    /// Integers, `bool`, raw pointers: a general-purpose register, widened to 64 bits.
+    Int,
+    /// `f32`/`f64`: an SSE register.
+    Float,
+}
+
+/// `$t:ty` fragments of `macro_rules!` arrive wrapped in an invisible group.
+fn ungroup(ty: &Type) -> &Type {
+    match ty {
+        Type::Group(g) => ungroup(&g.elem),
+        Type::Paren(p) => ungroup(&p.elem),
+        other => other,
+    }
+}
+
+fn classify(ty: &Type) -> Option<Class> {
+    match ungroup(ty) {
+        Type::Ptr(_) => Some(Class::Int),
+        Type::Path(p) if p.qself.is_none() => {
+            let name = p.path.get_ident()?.to_string();
+            match name.as_str() {
+                "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize"
+                | "bool" => Some(Class::Int),
+                "f32" | "f64" => Some(Class::Float),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn is_bool(ty: &Type) -> bool {
+    matches!(ungroup(ty), Type::Path(p) if p.qself.is_none() && p.path.is_ident("bool"))
+}
+
+/// `Wrapper<T>` (by the last path segment) → `T`.
+fn single_generic<'a>(ty: &'a Type, wrapper: &str) -> Option<&'a Type> {
+    let Type::Path(p) = ungroup(ty) else {
+        return None;
+    };
+    let last = p.path.segments.last()?;
+    if p.qself.is_some() || last.ident != wrapper {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match (args.args.len(), args.args.first()?) {
+        (1, GenericArgument::Type(inner)) => Some(inner),
+        _ => None,
+    }
+}
+
+/// A reference to a sized type (one register): `Some((mutable, elem))`.
+fn thin_ref(ty: &Type) -> Option<(bool, Type)> {
+    let Type::Reference(r) = ungroup(ty) else {
+        return None;
+    };
+    match ungroup(&r.elem) {
+        Type::Slice(_) | Type::TraitObject(_) => None,
+        Type::Path(p) if p.path.is_ident("str") => None,
+        elem => Some((r.mutability.is_some(), elem.clone())),
+    }
+}
+
+/// How an argument travels.
+pub enum ArgKind {
+    /// One register of `class`.
+    Scalar(Class),
+    /// `&[T]` / `&mut [T]`: pointer and length in two registers.
+    Slice { mutable: bool, elem: Type },
+    /// `&T` / `&mut T`: a pointer.
+    Ref { mutable: bool, elem: Type },
+}
+
+impl ArgKind {
+    fn of(ty: &Type) -> Option<ArgKind> {
+        if let Type::Reference(r) = ungroup(ty)
+            && let Type::Slice(slice) = ungroup(&r.elem)
+        {
+            return Some(ArgKind::Slice {
+                mutable: r.mutability.is_some(),
+                elem: (*slice.elem).clone(),
+            });
+        }
+        if let Some((mutable, elem)) = thin_ref(ty) {
+            return Some(ArgKind::Ref { mutable, elem });
+        }
+        classify(ty).map(ArgKind::Scalar)
+    }
+
+    fn classes(&self) -> Vec<Class> {
+        match self {
+            ArgKind::Scalar(class) => vec![*class],
+            ArgKind::Slice { .. } => vec![Class::Int, Class::Int],
+            ArgKind::Ref { .. } => vec![Class::Int],
+        }
+    }
+}
+
+/// How the return value travels.
+pub enum RetKind {
+    /// An integer, raw pointer or float as written.
+    Scalar(Class, Type),
+    Bool,
+    /// `&T`, `Option<&T>`, `NonNull<T>`, `Option<NonNull<T>>` (and `&mut`): one pointer, null
+    /// for `None`.
+    Pointer {
+        form: PtrForm,
+        elem: Type,
+    },
+}
+
+#[derive(Clone, Copy)]
+pub enum PtrForm {
+    Ref { mutable: bool, optional: bool },
+    NonNull { optional: bool },
+}
+
+impl RetKind {
+    fn of(ty: &Type) -> syn::Result<Option<RetKind>> {
+        if matches!(ungroup(ty), Type::Tuple(t) if t.elems.is_empty()) {
+            return Ok(None);
+        }
+        if is_bool(ty) {
+            return Ok(Some(RetKind::Bool));
+        }
+        if let Some(class) = classify(ty) {
+            return Ok(Some(RetKind::Scalar(class, ty.clone())));
+        }
+        let (optional, inner) = match single_generic(ty, "Option") {
+            Some(inner) => (true, inner),
+            None => (false, ty),
+        };
+        if let Some((mutable, elem)) = thin_ref(inner) {
+            let form = PtrForm::Ref { mutable, optional };
+            return Ok(Some(RetKind::Pointer { form, elem }));
+        }
+        if let Some(elem) = single_generic(inner, "NonNull") {
+            let form = PtrForm::NonNull { optional };
+            let elem = elem.clone();
+            return Ok(Some(RetKind::Pointer { form, elem }));
+        }
+        if optional && matches!(ungroup(inner), Type::Ptr(_)) {
+            return Err(Error::new(
+                ty.span(),
+                "#[alternative(inline)] cannot return an `Option` of a raw pointer: it takes two \
+                 registers; return the raw pointer (null for `None`) or `Option<NonNull<T>>`, \
+                 or remove `inline` to use a trampoline",
+            ));
+        }
+        Err(Error::new(ty.span(), UNSUPPORTED_SIGNATURE))
+    }
+
+    fn mutable(&self) -> bool {
+        matches!(
+            self,
+            RetKind::Pointer {
+                form: PtrForm::Ref { mutable: true, .. } | PtrForm::NonNull { .. },
+                ..
+            }
+        )
+    }
+}
+
+pub const UNSUPPORTED_SIGNATURE: &str = "#[alternative(inline)] needs a signature that fits the C ABI in registers: up to six \
+     integer, bool, raw-pointer or reference arguments (a slice counts two) and up to eight f32/f64, \
+     returning an integer, bool, raw pointer, f32/f64, a reference, `NonNull<T>`, an `Option` of \
+     those two, or (); remove `inline` to use a trampoline";
+
+/// One argument.
+pub struct Param {
+    /// The name the wrapper knows it by (`self` for a receiver).
+    pub ident: Ident,
+    kind: ArgKind,
+    ty: Type,
+    regs: Vec<&'static str>,
+    index: usize,
+}
+
+const INT_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
+const FLOAT_REGS: [&str; 8] = [
+    "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
+];
+
+/// A signature whose arguments and result travel in registers.
+pub struct RegSig {
+    pub params: Vec<Param>,
+    pub ret: Option<RetKind>,
+}
+
+impl RegSig {
+    /// The register layout of `sig`, or an error at what does not fit.
+    pub fn of(sig: &Signature) -> syn::Result<RegSig> {
+        let (mut ints, mut floats) = (0, 0);
+        let mut params = Vec::new();
+        for (index, input) in sig.inputs.iter().enumerate() {
+            let (ident, ty, span) = match input {
+                FnArg::Receiver(r) => (
+                    Ident::new("self", r.self_token.span),
+                    (*r.ty).clone(),
+                    r.span(),
+                ),
+                FnArg::Typed(pt) => {
+                    let Pat::Ident(pi) = &*pt.pat else {
+                        return Err(Error::new(
+                            pt.pat.span(),
+                            "#[alternative] needs plain identifiers as argument patterns (destructure inside the body)",
+                        ));
+                    };
+                    (pi.ident.clone(), (*pt.ty).clone(), pt.span())
+                }
+            };
+            let kind =
+                ArgKind::of(&ty).ok_or_else(|| Error::new(ty.span(), UNSUPPORTED_SIGNATURE))?;
+            let mut regs = Vec::new();
+            for class in kind.classes() {
+                let reg = match class {
+                    Class::Int => INT_REGS.get(ints).inspect(|_| ints += 1),
+                    Class::Float => FLOAT_REGS.get(floats).inspect(|_| floats += 1),
+                };
+                regs.push(*reg.ok_or_else(|| Error::new(span, UNSUPPORTED_SIGNATURE))?);
+            }
+            params.push(Param {
+                ident,
+                kind,
+                ty,
+                regs,
+                index,
+            });
+        }
+        let ret = match &sig.output {
+            ReturnType::Default => None,
+            ReturnType::Type(_, ty) => RetKind::of(ty)?,
+        };
+        Ok(RegSig { params, ret })
+    }
+
+    pub fn returns_value(&self) -> bool {
+        self.ret.is_some()
+    }
+
+    /// An `extern "sysv64"` function named `name` taking the raw parts, running `prologue`, then
+    /// calling `target` (a path) with the rebuilt values and returning its result as raw parts.
+    pub fn shim(
+        &self,
+        name: &Ident,
+        target: &TokenStream2,
+        attrs: TokenStream2,
+        unsafety: Option<syn::token::Unsafe>,
+        prologue: TokenStream2,
+    ) -> TokenStream2 {
+        let raw_params = self.params.iter().flat_map(Param::raw_params);
+        let rebuilt = self.params.iter().map(Param::rebuild);
+        let call = if unsafety.is_some() {
+            quote_spanned!(target.span()=> unsafe { #target(#(#rebuilt),*) })
+        } else {
+            quote_spanned!(target.span()=> #target(#(#rebuilt),*))
+        };
+        let (output, value) = match &self.ret {
+            None => (quote!(), call),
+            Some(RetKind::Bool) => (quote!(-> bool), call),
+            Some(RetKind::Scalar(_, ty)) => (quote!(-> #ty), call),
+            Some(ret @ RetKind::Pointer { form, elem }) => {
+                let ptr = if ret.mutable() {
+                    quote!(*mut #elem)
+                } else {
+                    quote!(*const #elem)
+                };
+                let value = match form {
+                    PtrForm::Ref { mutable, optional } => {
+                        let (from, null) = if *mutable {
+                            (
+                                quote!(::core::ptr::from_mut),
+                                quote!(::core::ptr::null_mut()),
+                            )
+                        } else {
+                            (quote!(::core::ptr::from_ref), quote!(::core::ptr::null()))
+                        };
+                        if *optional {
+                            quote!(match #call {
+                                ::core::option::Option::Some(r) => #from(r),
+                                ::core::option::Option::None => #null,
+                            })
+                        } else {
+                            quote!(#from(#call))
+                        }
+                    }
+                    PtrForm::NonNull { optional: false } => quote!(#call.as_ptr()),
+                    PtrForm::NonNull { optional: true } => quote!(match #call {
+                        ::core::option::Option::Some(p) => p.as_ptr(),
+                        ::core::option::Option::None => ::core::ptr::null_mut(),
+                    }),
+                };
+                (quote!(-> #ptr), value)
+            }
+        };
+        quote! {
+            #[doc(hidden)]
+            #[allow(improper_ctypes_definitions, non_snake_case, clippy::missing_safety_doc)]
+            #attrs
+            #unsafety extern "sysv64" fn #name(#(#raw_params),*) #output {
+                #prologue
+                // A candidate with another signature is a type error here.
+                #value
+            }
+        }
+    }
+
+    /// The wrapper's statements: an `asm!` block running `template` (which calls or holds the
+    /// site) with the arguments in their registers, then the result rebuilt.
+    pub fn asm_call(&self, template: &TokenStream2, operands: &[TokenStream2]) -> TokenStream2 {
+        let in_operands = self.params.iter().flat_map(Param::in_operands);
+        let (ret_decl, out_operand, ret_value) = match &self.ret {
+            None => (quote!(), quote!(), quote!()),
+            Some(RetKind::Bool) => (
+                quote!(let __altpatch_ret: u64;),
+                quote!(lateout("rax") __altpatch_ret,),
+                // Only `al` is defined for a `bool` result.
+                quote!((__altpatch_ret as u8) != 0),
+            ),
+            Some(RetKind::Scalar(Class::Int, ty)) => (
+                quote!(let __altpatch_ret: u64;),
+                quote!(lateout("rax") __altpatch_ret,),
+                quote!(__altpatch_ret as #ty),
+            ),
+            Some(RetKind::Scalar(Class::Float, ty)) => (
+                quote!(let __altpatch_ret: #ty;),
+                quote!(lateout("xmm0") __altpatch_ret,),
+                quote!(__altpatch_ret),
+            ),
+            Some(ret @ RetKind::Pointer { form, elem }) => {
+                let ptr = if ret.mutable() {
+                    quote!(*mut #elem)
+                } else {
+                    quote!(*const #elem)
+                };
+                let safety = quote!(
+                    // SAFETY: the pointer is the reference (or `NonNull`) a candidate returned,
+                    // passed through `rax` unchanged; null only for `None`.
+                );
+                let value = match form {
+                    PtrForm::Ref {
+                        mutable: false,
+                        optional: false,
+                    } => quote!({ #safety unsafe { &*__altpatch_ret } }),
+                    PtrForm::Ref {
+                        mutable: true,
+                        optional: false,
+                    } => quote!({ #safety unsafe { &mut *__altpatch_ret } }),
+                    PtrForm::Ref {
+                        mutable: false,
+                        optional: true,
+                    } => quote!({ #safety unsafe { __altpatch_ret.as_ref() } }),
+                    PtrForm::Ref {
+                        mutable: true,
+                        optional: true,
+                    } => quote!({ #safety unsafe { __altpatch_ret.as_mut() } }),
+                    PtrForm::NonNull { optional: false } => {
+                        quote!({ #safety unsafe { ::core::ptr::NonNull::new_unchecked(__altpatch_ret) } })
+                    }
+                    PtrForm::NonNull { optional: true } => {
+                        quote!(::core::ptr::NonNull::new(__altpatch_ret))
+                    }
+                };
+                (
+                    quote!(let __altpatch_ret: #ptr;),
+                    quote!(lateout("rax") __altpatch_ret,),
+                    value,
+                )
+            }
+        };
+        quote! {
+            #ret_decl
+            // SAFETY: the site calls an `extern "sysv64"` function with exactly these argument
+            // registers, or runs the instructions a candidate gave for the same registers; every
+            // caller-saved register is declared clobbered, and the stack is aligned for a call on
+            // entry to an asm block (no `nostack`).
+            unsafe {
+                ::core::arch::asm!(
+                    #template,
+                    #(#operands,)*
+                    #(#in_operands,)*
+                    #out_operand
+                    clobber_abi("C"),
+                );
+            }
+            #ret_value
+        }
+    }
+
+    /// The arguments as the wrapper passes them on (`self, a, b`).
+    pub fn arg_names(&self) -> Vec<&Ident> {
+        self.params.iter().map(|p| &p.ident).collect()
+    }
+}
+
+impl Param {
+    fn raw(&self, part: usize) -> Ident {
+        format_ident!(
+            "__altpatch_arg{}_{}",
+            self.index,
+            part,
+            span = Span::call_site()
+        )
+    }
+
+    /// The shim's parameters for this argument.
+    fn raw_params(&self) -> Vec<TokenStream2> {
+        let (p0, p1) = (self.raw(0), self.raw(1));
+        let ty = &self.ty;
+        match &self.kind {
+            ArgKind::Scalar(_) => vec![quote!(#p0: #ty)],
+            ArgKind::Slice {
+                mutable: false,
+                elem,
+            } => vec![quote!(#p0: *const #elem), quote!(#p1: usize)],
+            ArgKind::Slice {
+                mutable: true,
+                elem,
+            } => vec![quote!(#p0: *mut #elem), quote!(#p1: usize)],
+            ArgKind::Ref {
+                mutable: false,
+                elem,
+            } => vec![quote!(#p0: *const #elem)],
+            ArgKind::Ref {
+                mutable: true,
+                elem,
+            } => vec![quote!(#p0: *mut #elem)],
+        }
+    }
+
+    /// The Rust value, rebuilt inside a shim from its raw parts.
+    fn rebuild(&self) -> TokenStream2 {
+        let (p0, p1) = (self.raw(0), self.raw(1));
+        let safety = quote!(
+            // SAFETY: the site passes exactly the parts of a live reference of the caller,
+            // borrowed for the duration of the call.
+        );
+        match &self.kind {
+            ArgKind::Scalar(_) => quote!(#p0),
+            ArgKind::Slice { mutable: false, .. } => {
+                quote!({ #safety unsafe { ::core::slice::from_raw_parts(#p0, #p1) } })
+            }
+            ArgKind::Slice { mutable: true, .. } => {
+                quote!({ #safety unsafe { ::core::slice::from_raw_parts_mut(#p0, #p1) } })
+            }
+            ArgKind::Ref { mutable: false, .. } => quote!({ #safety unsafe { &*#p0 } }),
+            ArgKind::Ref { mutable: true, .. } => quote!({ #safety unsafe { &mut *#p0 } }),
+        }
+    }
+
+    /// The `asm!` inputs that put this argument in its registers.
+    fn in_operands(&self) -> Vec<TokenStream2> {
+        let ident = &self.ident;
+        let r = &self.regs;
+        match &self.kind {
+            ArgKind::Scalar(Class::Int) if is_bool(&self.ty) => {
+                vec![quote!(in(#(#r)*) u64::from(#ident))]
+            }
+            ArgKind::Scalar(Class::Int) => vec![quote!(in(#(#r)*) (#ident as u64))],
+            ArgKind::Scalar(Class::Float) => vec![quote!(in(#(#r)*) #ident)],
+            ArgKind::Slice { mutable: false, .. } => {
+                let (a, b) = (r[0], r[1]);
+                vec![quote!(in(#a) #ident.as_ptr()), quote!(in(#b) #ident.len())]
+            }
+            ArgKind::Slice { mutable: true, .. } => {
+                let (a, b) = (r[0], r[1]);
+                vec![
+                    quote!(in(#b) #ident.len()),
+                    quote!(in(#a) #ident.as_mut_ptr()),
+                ]
+            }
+            ArgKind::Ref {
+                mutable: false,
+                elem,
+            } => vec![quote!(in(#(#r)*) ::core::ptr::from_ref::<#elem>(#ident))],
+            ArgKind::Ref {
+                mutable: true,
+                elem,
+            } => vec![quote!(in(#(#r)*) ::core::ptr::from_mut::<#elem>(#ident))],
+        }
+    }
+}
