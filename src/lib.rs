@@ -120,10 +120,11 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// **Call-site mode** (`inline`) makes every inlined call a site of its own, so a patched call
 /// costs exactly a direct call, the native instruction, or nothing. The signature must fit the C
 /// ABI in registers: up to six integer, `bool`, raw-pointer or reference arguments (in `rdi`,
-/// `rsi`, `rdx`, `rcx`, `r8`, `r9`; a slice takes two, pointer and length) and up to eight
-/// `f32`/`f64` (in `xmm0`..), returning one of those (in `rax` or `xmm0`), `()`, or a pointer
-/// that `Option` keeps in one register: `&T`, `NonNull<T>`, `Option<&T>`, `Option<NonNull<T>>`
-/// (null for `None`). `Option<*const T>` is two registers: return the raw pointer instead.
+/// `rsi`, `rdx`, `rcx`, `r8`, `r9`; a slice or `&str` takes two, pointer and length) and up to
+/// eight `f32`/`f64` (in `xmm0`..), returning one of those but a slice (in `rax` or `xmm0`) or
+/// `()`. A pointer that `Option` keeps in one register counts as a pointer, argument or result:
+/// `&T`, `NonNull<T>`, `Option<&T>`, `Option<NonNull<T>>` (null for `None`);
+/// `Option<*const T>` is two registers (return the raw pointer, null for `None`, instead).
 /// Each inlined copy is a site (a function called from many places makes many); an
 /// `#[inline(never)]` on the function keeps it out of line, one site for every caller, at the
 /// cost of a call to reach it.

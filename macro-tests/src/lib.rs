@@ -208,3 +208,41 @@ impl Total for Histogram {
         self.buckets.iter().sum()
     }
 }
+
+fn count_bytes(s: &str, needle: Option<&u8>) -> usize {
+    needle.map_or(0, |n| s.bytes().filter(|b| b == n).count()) + MARK as usize
+}
+
+/// `&str` and `Option<&T>` arguments travel in registers: call-site mode, and a trampoline its
+/// callers in other crates `call` directly.
+#[ap::alternative(crate = ap, popcnt => count_bytes)]
+pub fn count(s: &str, needle: Option<&u8>) -> usize {
+    needle.map_or(0, |n| s.bytes().filter(|b| b == n).count())
+}
+
+fn pointer_mark(p: NonNull<u64>, q: Option<NonNull<u64>>) -> u64 {
+    // SAFETY: as `pointers`' callers promise.
+    unsafe { *p.as_ptr() + q.map_or(0, |q| *q.as_ptr()) + MARK }
+}
+
+/// # Safety
+/// `p` and `q` (if any) point at readable `u64`s.
+#[ap::alternative(crate = ap, inline, popcnt => pointer_mark)]
+pub unsafe fn pointers(p: NonNull<u64>, q: Option<NonNull<u64>>) -> u64 {
+    // SAFETY: as the caller promised.
+    unsafe { *p.as_ptr() + q.map_or(0, |q| *q.as_ptr()) }
+}
+
+fn describe_marked(p: &Point) -> String {
+    format!("{}:{}+{MARK}", p.x, p.y)
+}
+
+/// An `unsafe fn` with a safe candidate, in trampoline mode with a Rust call (a `String` comes
+/// back through memory).
+///
+/// # Safety
+/// None needed; `unsafe` as a client may write it.
+#[ap::alternative(crate = ap, popcnt => describe_marked)]
+pub unsafe fn describe(p: &Point) -> String {
+    format!("{}:{}", p.x, p.y)
+}

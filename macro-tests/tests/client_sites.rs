@@ -29,6 +29,9 @@ fn force(choice: &str) -> ap::Report {
         "Histogram::summary",
         "Histogram::total",
         "Counter::add",
+        "count",
+        "pointers",
+        "describe",
     ];
     let spec: Vec<String> = names.iter().map(|n| format!("{n}={choice}")).collect();
     let report = Patcher::new().overrides_str(&spec.join(",")).apply();
@@ -72,6 +75,18 @@ fn check_all(choice: &str) {
     assert_eq!(h.add(black_box(6)), 2 + m);
     assert_eq!(h.summary(), Point { x: 2, y: m });
     assert_eq!(Total::total(&h), 10 + m);
+    assert_eq!(count(black_box("abcab"), Some(&b'b')), 2 + m as usize);
+    assert_eq!(count(black_box(""), None), m as usize);
+    let (a, b) = (5u64, 7u64);
+    let (pa, pb) = (NonNull::from(&a), NonNull::from(&b));
+    // SAFETY: both point at live u64s.
+    assert_eq!(unsafe { pointers(pa, Some(pb)) }, 12 + m);
+    // SAFETY: as above.
+    assert_eq!(unsafe { pointers(pa, None) }, 5 + m);
+    let p = Point { x: 1, y: 2 };
+    let described = if m == 0 { "1:2" } else { "1:2+1000" };
+    // SAFETY: `describe` has no requirement.
+    assert_eq!(unsafe { describe(black_box(&p)) }, described);
     let mut c = Counter { count: 0 };
     assert_eq!(c.add(black_box(3)), if m == 0 { 3 } else { 6 });
 }

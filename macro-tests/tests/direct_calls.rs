@@ -13,6 +13,12 @@ fn caller(x: u64) -> u64 {
     altpatch_macro_tests::through_trampoline(x)
 }
 
+/// A `&str` and an `Option<&u8>` travel in registers too.
+#[inline(never)]
+fn caller_str(s: &str, needle: Option<&u8>) -> usize {
+    altpatch_macro_tests::count(s, needle)
+}
+
 /// The instructions of the function at `addr`, up to its first `ret`.
 fn decode_function(addr: usize) -> Vec<Instruction> {
     // SAFETY: `addr` is a function of this program; 256 bytes from it are mapped text.
@@ -28,16 +34,16 @@ fn decode_function(addr: usize) -> Vec<Instruction> {
     panic!("no `ret` in 256 bytes at {addr:#x}: {out:?}");
 }
 
-#[test]
-fn a_caller_in_another_crate_calls_the_trampoline_directly() {
-    let report = ap::apply_patches();
-    let sites: Vec<_> = report
-        .site("altpatch_macro_tests::through_trampoline")
-        .collect();
+/// The address of the trampoline of the site `name`.
+fn trampoline(report: &ap::Report, name: &str) -> u64 {
+    let sites: Vec<_> = report.site(name).collect();
     assert_eq!(sites.len(), 1, "{report}");
-    let trampoline = sites[0].addr() as u64;
+    assert_eq!(sites[0].kind(), Some(ap::SiteKind::Trampoline));
+    sites[0].addr() as u64
+}
 
-    let instrs = decode_function(caller as fn(u64) -> u64 as usize);
+/// Asserts that every call in `instrs` is a `call rel32` and one reaches `trampoline`.
+fn assert_direct_call(instrs: &[Instruction], trampoline: u64) {
     let calls: Vec<&Instruction> = instrs
         .iter()
         .filter(|i| i.mnemonic() == Mnemonic::Call)
@@ -52,7 +58,21 @@ fn a_caller_in_another_crate_calls_the_trampoline_directly() {
         calls.iter().any(|i| i.near_branch_target() == trampoline),
         "no `call rel32` to the trampoline at {trampoline:#x} in {instrs:?}"
     );
-    // And the call works, whichever candidate the CPU got.
+}
+
+#[test]
+fn a_caller_in_another_crate_calls_the_trampoline_directly() {
+    let report = ap::apply_patches();
+    let tramp = trampoline(report, "altpatch_macro_tests::through_trampoline");
+    assert_direct_call(&decode_function(caller as fn(u64) -> u64 as usize), tramp);
+    let tramp = trampoline(report, "altpatch_macro_tests::count");
+    let instrs = decode_function(caller_str as fn(&str, Option<&u8>) -> usize as usize);
+    assert_direct_call(&instrs, tramp);
+
+    // And the calls work, whichever candidate the CPU got.
+    let sites: Vec<_> = report
+        .site("altpatch_macro_tests::through_trampoline")
+        .collect();
     let expected = if sites[0].chosen() == "default" {
         5
     } else {

@@ -84,24 +84,37 @@ fn thin_ref(ty: &Type) -> Option<(bool, Type)> {
 pub enum ArgKind {
     /// One register of `class`.
     Scalar(Class),
-    /// `&[T]` / `&mut [T]`: pointer and length in two registers.
-    Slice { mutable: bool, elem: Type },
-    /// `&T` / `&mut T`: a pointer.
-    Ref { mutable: bool, elem: Type },
+    /// `&[T]` / `&mut [T]` (`&str` with `elem` = `u8` and `str`): pointer and length in two
+    /// registers.
+    Slice {
+        mutable: bool,
+        elem: Type,
+        str: bool,
+    },
+    /// A pointer `Option` keeps in one register (see `PtrForm`).
+    Pointer { form: PtrForm, elem: Type },
 }
 
 impl ArgKind {
     fn of(ty: &Type) -> Option<ArgKind> {
-        if let Type::Reference(r) = ungroup(ty)
-            && let Type::Slice(slice) = ungroup(&r.elem)
-        {
-            return Some(ArgKind::Slice {
-                mutable: r.mutability.is_some(),
-                elem: (*slice.elem).clone(),
-            });
+        if let Type::Reference(r) = ungroup(ty) {
+            let mutable = r.mutability.is_some();
+            match ungroup(&r.elem) {
+                Type::Slice(slice) => {
+                    let elem = (*slice.elem).clone();
+                    let str = false;
+                    return Some(ArgKind::Slice { mutable, elem, str });
+                }
+                Type::Path(p) if p.path.is_ident("str") => {
+                    let elem = syn::parse_quote!(u8);
+                    let str = true;
+                    return Some(ArgKind::Slice { mutable, elem, str });
+                }
+                _ => {}
+            }
         }
-        if let Some((mutable, elem)) = thin_ref(ty) {
-            return Some(ArgKind::Ref { mutable, elem });
+        if let Some((form, elem)) = PtrForm::of(ty) {
+            return Some(ArgKind::Pointer { form, elem });
         }
         classify(ty).map(ArgKind::Scalar)
     }
@@ -110,7 +123,7 @@ impl ArgKind {
         match self {
             ArgKind::Scalar(class) => vec![*class],
             ArgKind::Slice { .. } => vec![Class::Int, Class::Int],
-            ArgKind::Ref { .. } => vec![Class::Int],
+            ArgKind::Pointer { .. } => vec![Class::Int],
         }
     }
 }
@@ -145,20 +158,11 @@ impl RetKind {
         if let Some(class) = classify(ty) {
             return Ok(Some(RetKind::Scalar(class, ty.clone())));
         }
-        let (optional, inner) = match single_generic(ty, "Option") {
-            Some(inner) => (true, inner),
-            None => (false, ty),
-        };
-        if let Some((mutable, elem)) = thin_ref(inner) {
-            let form = PtrForm::Ref { mutable, optional };
+        if let Some((form, elem)) = PtrForm::of(ty) {
             return Ok(Some(RetKind::Pointer { form, elem }));
         }
-        if let Some(elem) = single_generic(inner, "NonNull") {
-            let form = PtrForm::NonNull { optional };
-            let elem = elem.clone();
-            return Ok(Some(RetKind::Pointer { form, elem }));
-        }
-        if optional && matches!(ungroup(inner), Type::Ptr(_)) {
+        if single_generic(ty, "Option").is_some_and(|inner| matches!(ungroup(inner), Type::Ptr(_)))
+        {
             return Err(Error::new(
                 ty.span(),
                 "#[alternative(inline)] cannot return an `Option` of a raw pointer: it takes two \
@@ -168,22 +172,102 @@ impl RetKind {
         }
         Err(Error::new(ty.span(), UNSUPPORTED_SIGNATURE))
     }
+}
 
-    fn mutable(&self) -> bool {
+impl PtrForm {
+    /// `&T`, `NonNull<T>`, or an `Option` of either (`T` sized): the form and `T`.
+    fn of(ty: &Type) -> Option<(PtrForm, Type)> {
+        let (optional, inner) = match single_generic(ty, "Option") {
+            Some(inner) => (true, inner),
+            None => (false, ty),
+        };
+        if let Some((mutable, elem)) = thin_ref(inner) {
+            return Some((PtrForm::Ref { mutable, optional }, elem));
+        }
+        let elem = single_generic(inner, "NonNull")?;
+        Some((PtrForm::NonNull { optional }, elem.clone()))
+    }
+
+    fn mutable(self) -> bool {
         matches!(
             self,
-            RetKind::Pointer {
-                form: PtrForm::Ref { mutable: true, .. } | PtrForm::NonNull { .. },
-                ..
-            }
+            PtrForm::Ref { mutable: true, .. } | PtrForm::NonNull { .. }
         )
+    }
+
+    /// The raw pointer type.
+    fn raw(self, elem: &Type) -> TokenStream2 {
+        if self.mutable() {
+            quote!(*mut #elem)
+        } else {
+            quote!(*const #elem)
+        }
+    }
+
+    /// The raw pointer of `value`, an expression of this form (null for `None`).
+    fn to_raw(self, value: TokenStream2) -> TokenStream2 {
+        match self {
+            PtrForm::Ref { mutable, optional } => {
+                let (from, null) = if mutable {
+                    (
+                        quote!(::core::ptr::from_mut),
+                        quote!(::core::ptr::null_mut()),
+                    )
+                } else {
+                    (quote!(::core::ptr::from_ref), quote!(::core::ptr::null()))
+                };
+                if optional {
+                    quote!(match #value {
+                        ::core::option::Option::Some(r) => #from(r),
+                        ::core::option::Option::None => #null,
+                    })
+                } else {
+                    quote!(#from(#value))
+                }
+            }
+            PtrForm::NonNull { optional: false } => quote!(#value.as_ptr()),
+            PtrForm::NonNull { optional: true } => quote!(match #value {
+                ::core::option::Option::Some(p) => p.as_ptr(),
+                ::core::option::Option::None => ::core::ptr::null_mut(),
+            }),
+        }
+    }
+
+    /// The value of this form rebuilt from `raw`, a raw pointer that `to_raw` made.
+    fn rebuild(self, raw: TokenStream2) -> TokenStream2 {
+        let safety = quote!(
+            // SAFETY: the pointer is a reference (or `NonNull`) of this form, passed through a
+            // register unchanged; null only for `None`.
+        );
+        match self {
+            PtrForm::Ref {
+                mutable: false,
+                optional: false,
+            } => quote!({ #safety unsafe { &*#raw } }),
+            PtrForm::Ref {
+                mutable: true,
+                optional: false,
+            } => quote!({ #safety unsafe { &mut *#raw } }),
+            PtrForm::Ref {
+                mutable: false,
+                optional: true,
+            } => quote!({ #safety unsafe { #raw.as_ref() } }),
+            PtrForm::Ref {
+                mutable: true,
+                optional: true,
+            } => quote!({ #safety unsafe { #raw.as_mut() } }),
+            PtrForm::NonNull { optional: false } => {
+                quote!({ #safety unsafe { ::core::ptr::NonNull::new_unchecked(#raw) } })
+            }
+            PtrForm::NonNull { optional: true } => quote!(::core::ptr::NonNull::new(#raw)),
+        }
     }
 }
 
 pub const UNSUPPORTED_SIGNATURE: &str = "#[alternative(inline)] needs a signature that fits the C ABI in registers: up to six \
-     integer, bool, raw-pointer or reference arguments (a slice counts two) and up to eight f32/f64, \
-     returning an integer, bool, raw pointer, f32/f64, a reference, `NonNull<T>`, an `Option` of \
-     those two, or (); remove `inline` to use a trampoline";
+     integer, bool, raw-pointer, reference, `NonNull`, `Option<&T>` or `Option<NonNull<T>>` arguments \
+     (a slice or `&str` counts two) and up to eight f32/f64, returning one of those (not a slice) \
+     or (); remove `inline` to use a trampoline";
 
 /// One argument.
 pub struct Param {
@@ -278,43 +362,15 @@ impl RegSig {
             None => (quote!(), call),
             Some(RetKind::Bool) => (quote!(-> bool), call),
             Some(RetKind::Scalar(_, ty)) => (quote!(-> #ty), call),
-            Some(ret @ RetKind::Pointer { form, elem }) => {
-                let ptr = if ret.mutable() {
-                    quote!(*mut #elem)
-                } else {
-                    quote!(*const #elem)
-                };
-                let value = match form {
-                    PtrForm::Ref { mutable, optional } => {
-                        let (from, null) = if *mutable {
-                            (
-                                quote!(::core::ptr::from_mut),
-                                quote!(::core::ptr::null_mut()),
-                            )
-                        } else {
-                            (quote!(::core::ptr::from_ref), quote!(::core::ptr::null()))
-                        };
-                        if *optional {
-                            quote!(match #call {
-                                ::core::option::Option::Some(r) => #from(r),
-                                ::core::option::Option::None => #null,
-                            })
-                        } else {
-                            quote!(#from(#call))
-                        }
-                    }
-                    PtrForm::NonNull { optional: false } => quote!(#call.as_ptr()),
-                    PtrForm::NonNull { optional: true } => quote!(match #call {
-                        ::core::option::Option::Some(p) => p.as_ptr(),
-                        ::core::option::Option::None => ::core::ptr::null_mut(),
-                    }),
-                };
-                (quote!(-> #ptr), value)
+            Some(RetKind::Pointer { form, elem }) => {
+                let ptr = form.raw(elem);
+                (quote!(-> #ptr), form.to_raw(call))
             }
         };
         quote! {
             #[doc(hidden)]
-            #[allow(improper_ctypes_definitions, non_snake_case, clippy::missing_safety_doc)]
+            // `unused_unsafe`: an `unsafe fn`'s candidate may be a safe function.
+            #[allow(improper_ctypes_definitions, non_snake_case, unused_unsafe, clippy::missing_safety_doc)]
             #attrs
             #unsafety extern "sysv64" fn #name(#(#raw_params),*) #output {
                 #prologue
@@ -346,44 +402,12 @@ impl RegSig {
                 quote!(lateout("xmm0") __altpatch_ret,),
                 quote!(__altpatch_ret),
             ),
-            Some(ret @ RetKind::Pointer { form, elem }) => {
-                let ptr = if ret.mutable() {
-                    quote!(*mut #elem)
-                } else {
-                    quote!(*const #elem)
-                };
-                let safety = quote!(
-                    // SAFETY: the pointer is the reference (or `NonNull`) a candidate returned,
-                    // passed through `rax` unchanged; null only for `None`.
-                );
-                let value = match form {
-                    PtrForm::Ref {
-                        mutable: false,
-                        optional: false,
-                    } => quote!({ #safety unsafe { &*__altpatch_ret } }),
-                    PtrForm::Ref {
-                        mutable: true,
-                        optional: false,
-                    } => quote!({ #safety unsafe { &mut *__altpatch_ret } }),
-                    PtrForm::Ref {
-                        mutable: false,
-                        optional: true,
-                    } => quote!({ #safety unsafe { __altpatch_ret.as_ref() } }),
-                    PtrForm::Ref {
-                        mutable: true,
-                        optional: true,
-                    } => quote!({ #safety unsafe { __altpatch_ret.as_mut() } }),
-                    PtrForm::NonNull { optional: false } => {
-                        quote!({ #safety unsafe { ::core::ptr::NonNull::new_unchecked(__altpatch_ret) } })
-                    }
-                    PtrForm::NonNull { optional: true } => {
-                        quote!(::core::ptr::NonNull::new(__altpatch_ret))
-                    }
-                };
+            Some(RetKind::Pointer { form, elem }) => {
+                let ptr = form.raw(elem);
                 (
                     quote!(let __altpatch_ret: #ptr;),
                     quote!(lateout("rax") __altpatch_ret,),
-                    value,
+                    form.rebuild(quote!(__altpatch_ret)),
                 )
             }
         };
@@ -431,19 +455,17 @@ impl Param {
             ArgKind::Slice {
                 mutable: false,
                 elem,
+                ..
             } => vec![quote!(#p0: *const #elem), quote!(#p1: usize)],
             ArgKind::Slice {
                 mutable: true,
                 elem,
+                ..
             } => vec![quote!(#p0: *mut #elem), quote!(#p1: usize)],
-            ArgKind::Ref {
-                mutable: false,
-                elem,
-            } => vec![quote!(#p0: *const #elem)],
-            ArgKind::Ref {
-                mutable: true,
-                elem,
-            } => vec![quote!(#p0: *mut #elem)],
+            ArgKind::Pointer { form, elem } => {
+                let raw = form.raw(elem);
+                vec![quote!(#p0: #raw)]
+            }
         }
     }
 
@@ -456,14 +478,31 @@ impl Param {
         );
         match &self.kind {
             ArgKind::Scalar(_) => quote!(#p0),
-            ArgKind::Slice { mutable: false, .. } => {
-                quote!({ #safety unsafe { ::core::slice::from_raw_parts(#p0, #p1) } })
-            }
-            ArgKind::Slice { mutable: true, .. } => {
-                quote!({ #safety unsafe { ::core::slice::from_raw_parts_mut(#p0, #p1) } })
-            }
-            ArgKind::Ref { mutable: false, .. } => quote!({ #safety unsafe { &*#p0 } }),
-            ArgKind::Ref { mutable: true, .. } => quote!({ #safety unsafe { &mut *#p0 } }),
+            ArgKind::Slice {
+                mutable: false,
+                str: false,
+                ..
+            } => quote!({ #safety unsafe { ::core::slice::from_raw_parts(#p0, #p1) } }),
+            ArgKind::Slice {
+                mutable: true,
+                str: false,
+                ..
+            } => quote!({ #safety unsafe { ::core::slice::from_raw_parts_mut(#p0, #p1) } }),
+            ArgKind::Slice {
+                mutable: false,
+                str: true,
+                ..
+            } => quote!({ #safety unsafe {
+                ::core::str::from_utf8_unchecked(::core::slice::from_raw_parts(#p0, #p1))
+            } }),
+            ArgKind::Slice {
+                mutable: true,
+                str: true,
+                ..
+            } => quote!({ #safety unsafe {
+                ::core::str::from_utf8_unchecked_mut(::core::slice::from_raw_parts_mut(#p0, #p1))
+            } }),
+            ArgKind::Pointer { form, .. } => form.rebuild(quote!(#p0)),
         }
     }
 
@@ -488,14 +527,10 @@ impl Param {
                     quote!(in(#a) #ident.as_mut_ptr()),
                 ]
             }
-            ArgKind::Ref {
-                mutable: false,
-                elem,
-            } => vec![quote!(in(#(#r)*) ::core::ptr::from_ref::<#elem>(#ident))],
-            ArgKind::Ref {
-                mutable: true,
-                elem,
-            } => vec![quote!(in(#(#r)*) ::core::ptr::from_mut::<#elem>(#ident))],
+            ArgKind::Pointer { form, .. } => {
+                let value = form.to_raw(quote!(#ident));
+                vec![quote!(in(#(#r)*) #value)]
+            }
         }
     }
 }

@@ -195,7 +195,8 @@ fn any_signature(ctx: &Ctx<'_>) -> syn::Result<Expanded> {
         let features = shim_attributes(&c.predicate);
         shims.push(quote! {
             #[doc(hidden)]
-            #[allow(improper_ctypes_definitions, non_snake_case)]
+            // `unused_unsafe`: an `unsafe fn`'s candidate may be a safe function.
+            #[allow(improper_ctypes_definitions, non_snake_case, unused_unsafe)]
             #features
             #unsafety extern "C" fn #shim(#plain_inputs) #output {
                 // A candidate whose signature differs is a type error here.
