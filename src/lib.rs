@@ -78,11 +78,13 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 ///
 /// **Trampoline mode** (the default) works for any non-generic function or method (methods
 /// need [`#[alternative_impl]`](macro@alternative_impl) on their impl block): callers make a
-/// direct `call` to a per-function trampoline whose `jmp` is retargeted to the winner. When the
-/// signature fits the C ABI in registers (as call-site mode's must, below), that `call` is made
-/// from an `asm!` block, so it is a `call rel32` from other crates too; with any other signature
-/// it is a Rust call, which a caller in another crate makes through the GOT in a PIE build
-/// (`call [rip + GOT]`: one load more). When the winner's compiled body is short straight-line code through its `ret` (up to
+/// direct `call` to a per-function trampoline whose `jmp` is retargeted to the winner. That
+/// `call` is made from an `asm!` block, so it is a `call rel32` from other crates too (a Rust
+/// call to another crate's function goes through the GOT in a PIE build): arguments and result
+/// travel in registers as in call-site mode below, and values of any other type through memory
+/// (a pointer to the argument, moved out by the callee; a pointer to the caller's slot for the
+/// result). Only a function returning `impl Trait` or `!`, or with more arguments than the six
+/// integer registers hold, keeps a Rust call. When the winner's compiled body is short straight-line code through its `ret` (up to
 /// the trampoline's 16 bytes: a `popcnt; ret`) and no other thread runs, the trampoline holds a
 /// copy of that body instead of the `jmp`, so a call through it costs what a direct call costs.
 /// A candidate with another signature is a type error; `#[target_feature]` candidates are fine

@@ -246,3 +246,40 @@ fn describe_marked(p: &Point) -> String {
 pub unsafe fn describe(p: &Point) -> String {
     format!("{}:{}", p.x, p.y)
 }
+
+fn joined_marked(mut parts: Vec<String>, sep: char) -> String {
+    parts.push(MARK.to_string());
+    parts.join(&sep.to_string())
+}
+
+/// Owned values in and out (`Vec`, `char`, `String`): a trampoline its callers in other crates
+/// still `call` directly, the values passing through memory. `mut` on an argument is the body's.
+#[ap::alternative(crate = ap, popcnt => joined_marked)]
+pub fn joined(mut parts: Vec<String>, sep: char) -> String {
+    parts.retain(|p| !p.is_empty());
+    parts.join(&sep.to_string())
+}
+
+/// Drops counted, to show a value passed through memory is dropped exactly once.
+pub static DROPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub struct Tracked(pub u64);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        DROPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[ap::alternative_impl(crate = ap)]
+impl Tracked {
+    /// `self` by value, consumed by whichever candidate runs.
+    #[ap::alternative(popcnt => Self::into_marked)]
+    pub fn into_value(self) -> u64 {
+        self.0
+    }
+
+    fn into_marked(self) -> u64 {
+        self.0 + MARK
+    }
+}

@@ -32,6 +32,8 @@ fn force(choice: &str) -> ap::Report {
         "count",
         "pointers",
         "describe",
+        "joined",
+        "Tracked::into_value",
     ];
     let spec: Vec<String> = names.iter().map(|n| format!("{n}={choice}")).collect();
     let report = Patcher::new().overrides_str(&spec.join(",")).apply();
@@ -87,6 +89,12 @@ fn check_all(choice: &str) {
     let described = if m == 0 { "1:2" } else { "1:2+1000" };
     // SAFETY: `describe` has no requirement.
     assert_eq!(unsafe { describe(black_box(&p)) }, described);
+    let parts = vec!["a".to_string(), String::new(), "b".to_string()];
+    let expected = if m == 0 { "a-b" } else { "a--b-1000" };
+    assert_eq!(joined(black_box(parts), '-'), expected);
+    let drops = DROPS.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(Tracked(black_box(4)).into_value(), 4 + m);
+    assert_eq!(DROPS.load(std::sync::atomic::Ordering::SeqCst), drops + 1);
     let mut c = Counter { count: 0 };
     assert_eq!(c.add(black_box(3)), if m == 0 { 3 } else { 6 });
 }

@@ -11,12 +11,12 @@
 use quote::{format_ident, quote};
 use syn::{Error, LitStr};
 
-use crate::regs::RegSig;
+use crate::regs::{Fit, RegSig};
 use crate::{Ctx, Expanded, Target, asm, shim_attributes};
 
 pub fn expand(ctx: &Ctx<'_>) -> syn::Result<Expanded> {
     let sig = &ctx.func.sig;
-    let regs = RegSig::of(sig)?;
+    let regs = RegSig::of(sig, Fit::Registers)?;
     for c in &ctx.args.candidates {
         if matches!(c.target, Target::Nop) && regs.returns_value() {
             return Err(Error::new(

@@ -452,7 +452,19 @@ impl<'a> Ctx<'a> {
             .filter(|a| !a.path().is_ident("inline"));
         let inline = &self.wrapper_inline;
         let vis = &self.func.vis;
-        let sig = &self.func.sig;
+        // The wrapper only passes its arguments on: a `mut` binding belongs to the body.
+        let mut sig = self.func.sig.clone();
+        for input in &mut sig.inputs {
+            match input {
+                syn::FnArg::Receiver(r) if r.reference.is_none() => r.mutability = None,
+                syn::FnArg::Typed(pt) => {
+                    if let syn::Pat::Ident(pi) = &mut *pt.pat {
+                        pi.mutability = None;
+                    }
+                }
+                syn::FnArg::Receiver(_) => {}
+            }
+        }
         quote!(#(#attrs)* #inline #vis #sig)
     }
 

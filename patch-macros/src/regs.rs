@@ -93,6 +93,9 @@ pub enum ArgKind {
     },
     /// A pointer `Option` keeps in one register (see `PtrForm`).
     Pointer { form: PtrForm, elem: Type },
+    /// Any other type (trampolines only): a pointer to the value, which the wrapper gives up
+    /// (`ManuallyDrop`) and the shim moves out of.
+    Moved,
 }
 
 impl ArgKind {
@@ -123,7 +126,7 @@ impl ArgKind {
         match self {
             ArgKind::Scalar(class) => vec![*class],
             ArgKind::Slice { .. } => vec![Class::Int, Class::Int],
-            ArgKind::Pointer { .. } => vec![Class::Int],
+            ArgKind::Pointer { .. } | ArgKind::Moved => vec![Class::Int],
         }
     }
 }
@@ -139,6 +142,9 @@ pub enum RetKind {
         form: PtrForm,
         elem: Type,
     },
+    /// Any other type (trampolines only): written by the shim through a pointer the wrapper
+    /// passes first, in `rdi`, to its own `MaybeUninit`.
+    Memory(Type),
 }
 
 #[derive(Clone, Copy)]
@@ -290,10 +296,38 @@ pub struct RegSig {
     pub ret: Option<RetKind>,
 }
 
+/// Which signatures `RegSig::of` takes.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Fit {
+    /// Registers only, as a call site's `asm` candidates see them.
+    Registers,
+    /// Also values of any other type, through memory: fine where only Rust code is called.
+    AnyType,
+}
+
+/// A type `MaybeUninit<T>` and a shim parameter can name (not `impl Trait`, not `!`).
+fn nameable(ty: &Type) -> bool {
+    !matches!(
+        ungroup(ty),
+        Type::ImplTrait(_) | Type::Never(_) | Type::Infer(_)
+    )
+}
+
 impl RegSig {
     /// The register layout of `sig`, or an error at what does not fit.
-    pub fn of(sig: &Signature) -> syn::Result<RegSig> {
-        let (mut ints, mut floats) = (0, 0);
+    pub fn of(sig: &Signature, fit: Fit) -> syn::Result<RegSig> {
+        let ret = match &sig.output {
+            ReturnType::Default => None,
+            ReturnType::Type(_, ty) => match RetKind::of(ty) {
+                Err(_) if fit == Fit::AnyType && nameable(ty) => {
+                    Some(RetKind::Memory((**ty).clone()))
+                }
+                other => other?,
+            },
+        };
+        // The pointer to a result in memory comes first, in `rdi`.
+        let mut ints = usize::from(matches!(ret, Some(RetKind::Memory(_))));
+        let mut floats = 0;
         let mut params = Vec::new();
         for (index, input) in sig.inputs.iter().enumerate() {
             let (ident, ty, span) = match input {
@@ -312,8 +346,11 @@ impl RegSig {
                     (pi.ident.clone(), (*pt.ty).clone(), pt.span())
                 }
             };
-            let kind =
-                ArgKind::of(&ty).ok_or_else(|| Error::new(ty.span(), UNSUPPORTED_SIGNATURE))?;
+            let kind = match ArgKind::of(&ty) {
+                Some(kind) => kind,
+                None if fit == Fit::AnyType && nameable(&ty) => ArgKind::Moved,
+                None => return Err(Error::new(ty.span(), UNSUPPORTED_SIGNATURE)),
+            };
             let mut regs = Vec::new();
             for class in kind.classes() {
                 let reg = match class {
@@ -330,10 +367,6 @@ impl RegSig {
                 index,
             });
         }
-        let ret = match &sig.output {
-            ReturnType::Default => None,
-            ReturnType::Type(_, ty) => RetKind::of(ty)?,
-        };
         Ok(RegSig { params, ret })
     }
 
@@ -351,7 +384,13 @@ impl RegSig {
         unsafety: Option<syn::token::Unsafe>,
         prologue: TokenStream2,
     ) -> TokenStream2 {
-        let raw_params = self.params.iter().flat_map(Param::raw_params);
+        let out_param = match &self.ret {
+            Some(RetKind::Memory(ty)) => Some(quote!(__altpatch_out: *mut #ty)),
+            _ => None,
+        };
+        let raw_params = out_param
+            .into_iter()
+            .chain(self.params.iter().flat_map(Param::raw_params));
         let rebuilt = self.params.iter().map(Param::rebuild);
         let call = if unsafety.is_some() {
             quote_spanned!(target.span()=> unsafe { #target(#(#rebuilt),*) })
@@ -366,6 +405,15 @@ impl RegSig {
                 let ptr = form.raw(elem);
                 (quote!(-> #ptr), form.to_raw(call))
             }
+            Some(RetKind::Memory(_)) => (
+                quote!(),
+                quote! {
+                    let value = #call;
+                    // SAFETY: `__altpatch_out` points at the wrapper's `MaybeUninit` for the
+                    // result, written once here.
+                    unsafe { __altpatch_out.write(value) }
+                },
+            ),
         };
         quote! {
             #[doc(hidden)]
@@ -383,6 +431,7 @@ impl RegSig {
     /// The wrapper's statements: an `asm!` block running `template` (which calls or holds the
     /// site) with the arguments in their registers, then the result rebuilt.
     pub fn asm_call(&self, template: &TokenStream2, operands: &[TokenStream2]) -> TokenStream2 {
+        let moved = self.params.iter().filter_map(Param::give_up);
         let in_operands = self.params.iter().flat_map(Param::in_operands);
         let (ret_decl, out_operand, ret_value) = match &self.ret {
             None => (quote!(), quote!(), quote!()),
@@ -410,8 +459,17 @@ impl RegSig {
                     form.rebuild(quote!(__altpatch_ret)),
                 )
             }
+            Some(RetKind::Memory(ty)) => (
+                quote!(let mut __altpatch_out = ::core::mem::MaybeUninit::<#ty>::uninit();),
+                quote!(in("rdi") __altpatch_out.as_mut_ptr(),),
+                quote!({
+                    // SAFETY: the shim the trampoline reached wrote the result there.
+                    unsafe { __altpatch_out.assume_init() }
+                }),
+            ),
         };
         quote! {
+            #(#moved)*
             #ret_decl
             // SAFETY: the site calls an `extern "sysv64"` function with exactly these argument
             // registers, or runs the instructions a candidate gave for the same registers; every
@@ -466,6 +524,7 @@ impl Param {
                 let raw = form.raw(elem);
                 vec![quote!(#p0: #raw)]
             }
+            ArgKind::Moved => vec![quote!(#p0: *mut #ty)],
         }
     }
 
@@ -503,6 +562,10 @@ impl Param {
                 ::core::str::from_utf8_unchecked_mut(::core::slice::from_raw_parts_mut(#p0, #p1))
             } }),
             ArgKind::Pointer { form, .. } => form.rebuild(quote!(#p0)),
+            ArgKind::Moved => quote!({
+                // SAFETY: the wrapper gave the value up (`ManuallyDrop`) for this one read.
+                unsafe { ::core::ptr::read(#p0) }
+            }),
         }
     }
 
@@ -531,6 +594,23 @@ impl Param {
                 let value = form.to_raw(quote!(#ident));
                 vec![quote!(in(#(#r)*) #value)]
             }
+            ArgKind::Moved => {
+                let moved = self.moved();
+                vec![quote!(in(#(#r)*) ::core::ptr::from_mut(&mut *#moved))]
+            }
         }
+    }
+
+    fn moved(&self) -> Ident {
+        format_ident!("__altpatch_moved{}", self.index, span = Span::call_site())
+    }
+
+    /// For a value passed through memory, the statement that gives it up to the shim.
+    fn give_up(&self) -> Option<TokenStream2> {
+        let ArgKind::Moved = self.kind else {
+            return None;
+        };
+        let (ident, moved) = (&self.ident, self.moved());
+        Some(quote!(let mut #moved = ::core::mem::ManuallyDrop::new(#ident);))
     }
 }

@@ -7,12 +7,14 @@
 //! fn __altpatch_candidate1_sum       calls candidate 1 (inlined into it when it can be)
 //! ```
 //!
-//! When the signature fits the C ABI in registers (as call-site mode's must), the wrapper calls
-//! the trampoline from an `asm!` block with a `sym` operand, so that a caller in another crate
-//! makes a `call rel32` too (a Rust call to another crate's function goes through the GOT in a
-//! PIE build); the default and the shims then take raw registers (`extern "sysv64"`, see
-//! `regs.rs`). Any other signature is a Rust call, and every piece uses the `extern "C"` ABI with
-//! the same Rust types, so the trampoline's `jmp` hands over arguments and return slot untouched.
+//! The wrapper calls the trampoline from an `asm!` block with a `sym` operand, so that a caller
+//! in another crate makes a `call rel32` too (a Rust call to another crate's function goes
+//! through the GOT in a PIE build); the default and the shims take raw registers
+//! (`extern "sysv64"`, see `regs.rs`), values of other types through memory. Only an
+//! `impl Trait` or `!` result, which no `MaybeUninit` can name, or more arguments than registers
+//! keeps a Rust call: then every
+//! piece uses the `extern "C"` ABI with the same Rust types, so the trampoline's `jmp` hands over
+//! arguments and return slot untouched.
 //!
 //! The trampoline is naked and never inlined, so it is one site. Its record and the descriptor
 //! are emitted from an instruction-less `asm!` in the default's body: a naked function may hold
@@ -23,7 +25,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Error, FnArg, Ident, ReturnType, Type};
 
-use crate::regs::RegSig;
+use crate::regs::{Fit, RegSig};
 use crate::{Ctx, Expanded, Target, asm, shim_attributes};
 
 pub fn expand(ctx: &Ctx<'_>) -> syn::Result<Expanded> {
@@ -36,7 +38,7 @@ pub fn expand(ctx: &Ctx<'_>) -> syn::Result<Expanded> {
             ));
         }
     }
-    match RegSig::of(&ctx.func.sig) {
+    match RegSig::of(&ctx.func.sig, Fit::AnyType) {
         Ok(regs) => Ok(registers(ctx, &regs)),
         Err(_) => any_signature(ctx),
     }
@@ -88,7 +90,8 @@ fn trampoline(
     }
 }
 
-/// Arguments and result in registers: the wrapper's `call` is an `asm!` `call {tramp}`.
+/// Arguments and result in registers (or memory): the wrapper's `call` is an `asm!`
+/// `call {tramp}`.
 fn registers(ctx: &Ctx<'_>, regs: &RegSig) -> Expanded {
     let (prefix, unsafety) = (&ctx.prefix, ctx.func.sig.unsafety);
     let body_fn = ctx.helper("body");
@@ -138,8 +141,10 @@ fn registers(ctx: &Ctx<'_>, regs: &RegSig) -> Expanded {
     }
 }
 
-/// Any other signature: the wrapper makes a Rust call to the trampoline, and every piece is an
-/// `extern "C"` function of the same Rust types.
+/// An `impl Trait` or `!` result, more arguments than registers (or an argument pattern this
+/// reports as an error): the wrapper
+/// makes a Rust call to the trampoline, and every piece is an `extern "C"` function of the same
+/// Rust types.
 fn any_signature(ctx: &Ctx<'_>) -> syn::Result<Expanded> {
     let sig = &ctx.func.sig;
     // Arguments keep their types but get plain names in the generated functions.
