@@ -22,7 +22,10 @@ mod trampoline;
 pub fn alternative(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = syn::parse_macro_input!(args as Args);
     let func = syn::parse_macro_input!(item as ItemFn);
-    if mentions_self(&func.sig) {
+    let self_candidate = args.candidates.iter().any(|c| {
+        matches!(&c.target, Target::Call(path) if path.segments.first().is_some_and(|s| s.ident == "Self"))
+    });
+    if mentions_self(&func.sig) || self_candidate {
         // One error, and the function as written so that nothing else fails around it.
         let error = Error::new(func.sig.ident.span(), METHOD_NEEDS_IMPL).into_compile_error();
         return quote!(#error #func).into();
@@ -360,7 +363,7 @@ struct Ctx<'a> {
     wrapper_inline: TokenStream2,
 }
 
-const METHOD_NEEDS_IMPL: &str = "#[alternative] on a method needs #[altpatch::alternative_impl] on its impl block: \
+const METHOD_NEEDS_IMPL: &str = "#[alternative] on a method (or with a `Self::` candidate) needs #[altpatch::alternative_impl] on its impl block: \
      it names the site after its type (`module::Type::method`) and puts the generated functions \
      in an impl of their own (which also makes trait-impl methods work)";
 
