@@ -283,3 +283,28 @@ impl Tracked {
         self.0 + MARK
     }
 }
+
+/// A `#[target_feature]` default in trampoline mode, kept out of line by the user.
+#[ap::alternative(crate = ap, popcnt => ones_hw)]
+#[target_feature(enable = "popcnt")]
+#[inline(never)]
+pub fn ones_tramp(x: u64) -> u64 {
+    u64::from(x.count_ones())
+}
+
+pub trait Scale {
+    fn scale(&self, x: u64) -> u64;
+}
+
+fn scale_marked(h: &Histogram, x: u64) -> u64 {
+    x * h.buckets.len() as u64 + MARK
+}
+
+#[ap::alternative_impl(crate = ap)]
+impl Scale for Histogram {
+    /// A trait-impl method in call-site mode.
+    #[ap::alternative(inline, popcnt => scale_marked)]
+    fn scale(&self, x: u64) -> u64 {
+        x * self.buckets.len() as u64
+    }
+}

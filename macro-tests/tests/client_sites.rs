@@ -34,6 +34,8 @@ fn force(choice: &str) -> ap::Report {
         "describe",
         "joined",
         "Tracked::into_value",
+        "ones_tramp",
+        "Histogram::scale",
     ];
     let spec: Vec<String> = names.iter().map(|n| format!("{n}={choice}")).collect();
     let report = Patcher::new().overrides_str(&spec.join(",")).apply();
@@ -65,6 +67,8 @@ fn check_all(choice: &str) {
     if std::arch::is_x86_feature_detected!("popcnt") {
         // SAFETY: the CPU has POPCNT, which `ones` is compiled for.
         assert_eq!(unsafe { ones(black_box(0b1011)) }, 3 + m);
+        // SAFETY: as above.
+        assert_eq!(unsafe { ones_tramp(black_box(0b111)) }, 3 + m);
     }
     assert_eq!(not_inlined(black_box(1)), 1 + m);
     assert_eq!(not_inlined(black_box(2)), 2 + m);
@@ -77,6 +81,7 @@ fn check_all(choice: &str) {
     assert_eq!(h.add(black_box(6)), 2 + m);
     assert_eq!(h.summary(), Point { x: 2, y: m });
     assert_eq!(Total::total(&h), 10 + m);
+    assert_eq!(Scale::scale(&h, black_box(3)), 6 + m);
     assert_eq!(count(black_box("abcab"), Some(&b'b')), 2 + m as usize);
     assert_eq!(count(black_box(""), None), m as usize);
     let (a, b) = (5u64, 7u64);
