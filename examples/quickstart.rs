@@ -112,6 +112,15 @@ fn main() {
         };
         let changed = on_disk != running;
         differ += usize::from(changed);
+        // The report says what runs: at startup a site differs from the file exactly when this
+        // apply wrote it, and then it runs a candidate other than the default as built.
+        assert_eq!(changed, site.written(), "{}", site.name());
+        assert_eq!(
+            changed,
+            site.how() != altpatch::How::Unpatched,
+            "{}",
+            site.name()
+        );
         println!(
             "  {:<24} {:<38} -> {}{}",
             site.name().rsplit("::").next().unwrap_or(site.name()),

@@ -51,12 +51,42 @@
 //!   a 5-byte NOP or a `jmp`, flipped at run time with `enable()`/`disable()`, safely while
 //!   other threads run the branches.
 //!
-//! ## Overrides
+//! ## Overrides: `ALTPATCH`
 //!
-//! `ALTPATCH` (or [`Patcher`]) changes the choice, for tests and operations:
-//! `ALTPATCH=off`, `ALTPATCH=popcount=default`, `ALTPATCH=cpu=-avx2-bmi2`. A malformed value is an
-//! error naming the valid choices ([`try_apply_patches`]), shown in the report, never a panic.
-//! `ALTPATCH_LOG=1` prints the report to stderr when [`apply_patches()`] runs.
+//! `ALTPATCH` changes what [`apply_patches()`] selects, for tests and operations; it is read
+//! once, by the first call ([`Patcher::overrides_str`] takes the same text for a re-apply).
+//!
+//! **Syntax.** Items separated by `,`, in any order; whitespace around an item and around its
+//! `=` is ignored. There is no quoting: names are identifiers (`::`-joined for sites) and no
+//! item holds a `,`, `=` or space (quote the whole value for your shell only). An empty item (a
+//! stray `,`) is an error, since it usually means a value went missing.
+//!
+//! | item | what it does |
+//! |---|---|
+//! | `off` | selects every site's default. On the first apply nothing needs writing (sites hold their build-time defaults); on a re-apply ([`Patcher`]) a site an earlier apply patched is written back to its default where that is safe now (one holding several instructions only when no other thread runs), and otherwise reported as what it still holds. Static branches go back to reading their key's flag. |
+//! | `cpu=-FEAT[-FEAT...]` | hides features from the CPU snapshot selection sees (the kernel's `clearcpuid=`); features that depend on one go with it (`-avx` hides `avx2`, `fma`, ...). Repeatable; accumulates. Names as in [`Feature`] (`sse4_2` or `sse4.2`, `lzcnt` or `abm`). `cpu=+FEAT` is an error: forcing a feature on would make the CPU fault. |
+//! | `SITE=CANDIDATE` | forces the candidate on the site, ahead of every predicate. `SITE` is a site's full name as the report prints it (`module::function`, or its `name = "..."`), or any suffix of it starting after a `::` that no other site name ends with (`popcount`, `ring::add`). Every site sharing the name (inlined copies, `name = "..."`) takes the choice. Of several choices for one site, the last wins. |
+//!
+//! **Errors.** A malformed item; an unknown feature, site or candidate; a suffix several site
+//! names end with (the error lists them); a static branch (it follows its [`StaticKey`], never
+//! `ALTPATCH`); a forced candidate whose predicate needs a CPU feature this CPU lacks or
+//! `cpu=-` hides (the error names the features: forced, it would run instructions that fault).
+//! Any error rejects the whole value: nothing is selected or written, every site keeps what it
+//! runs (at startup, its default). The message names the valid choices; [`apply_patches()`]
+//! prints it to stderr once, the report keeps it ([`Report::error`]) and [`try_apply_patches`]
+//! returns it. Nothing panics.
+//!
+//! `ALTPATCH_LOG` set to anything but empty, `0`, `false`, `no` or `off` (any case) prints the
+//! report to stderr when [`apply_patches()`] runs.
+//!
+//! ## The report
+//!
+//! Every site's entry says what its bytes are after the apply: [`SiteReport::chosen`] is the
+//! candidate the site holds (recognised by the planner, as it must before any write) and
+//! [`SiteReport::how`] its form (`call`, `jmp`, `inline`, `nop`, or `unpatched`: the default
+//! as built). When the selected candidate cannot be written (other threads run and the site
+//! holds several instructions, a refused page, a configuration error), the entry names what the
+//! site still runs and [`SiteReport::why`] says what was selected and why it was not written.
 
 pub use patch_core::cpu::{Cpu, CpuidSource, FakeCpuid, Hypervisor, HypervisorKind, KvmFeatures};
 pub use patch_core::overrides::{OverrideError, Overrides};

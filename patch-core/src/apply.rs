@@ -8,15 +8,25 @@ use std::time::Instant;
 
 use crate::cpu::Cpu;
 use crate::overrides::{OverrideError, Overrides};
-use crate::plan::{self, Block, Shape};
+use crate::plan::{self, Block};
 use crate::record::{self, SiteDescriptor, SiteRecord};
 use crate::report::{How, Report, SiteReport};
 use crate::select::{self, Reason, Selection};
 use crate::static_key::{KeyUpdate, StaticKey};
 use crate::write::{SiteBytes, SiteWrite, TextWriter};
 
-/// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs.
+/// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs; unset, empty, `0`,
+/// `false`, `no` and `off` (any case) leave it off.
 pub const LOG_ENV_VAR: &str = "ALTPATCH_LOG";
+
+/// Whether an `ALTPATCH_LOG` value asks for the report.
+fn log_wanted(value: Option<&std::ffi::OsStr>) -> bool {
+    let Some(value) = value else { return false };
+    let value = value.to_string_lossy();
+    let value = value.trim();
+    let off = ["", "0", "false", "no", "off"];
+    !off.iter().any(|word| value.eq_ignore_ascii_case(word))
+}
 
 /// One patcher at a time: `apply`, re-selection and (later) static keys all write under it.
 static PATCHER: Mutex<()> = Mutex::new(());
@@ -32,12 +42,17 @@ static APPLIED: OnceLock<Report> = OnceLock::new();
 /// Selects and patches every site, once per process; later calls return the same report.
 ///
 /// Concurrent callers wait for the first. Configuration comes from `ALTPATCH`; a malformed value
-/// patches nothing and is reported (see [`try_apply_patches`] to get it as an error).
+/// patches nothing and is reported: printed to stderr once, here, and in the report (see
+/// [`try_apply_patches`] to get it as an error).
 pub fn apply_patches() -> &'static Report {
     APPLIED.get_or_init(|| {
         let report = Patcher::from_env().apply();
-        if std::env::var_os(LOG_ENV_VAR).is_some_and(|v| v != "0" && !v.is_empty()) {
+        if log_wanted(std::env::var_os(LOG_ENV_VAR).as_deref()) {
             eprint!("{report}");
+        } else if let Some(error) = &report.error {
+            // Nobody sets `ALTPATCH` by accident: a mistake in it is said even without the log
+            // (as `env_logger` does with a bad filter).
+            eprintln!("{error}; nothing patched");
         }
         report
     })
@@ -113,29 +128,59 @@ impl Patcher {
     }
 
     /// Selects, verifies, plans and writes every site; never panics, whatever it finds.
+    ///
+    /// Every report entry says what the site's bytes are when it returns: the candidate the
+    /// planner recognises there, whether this apply wrote it, found it in place, or could not
+    /// write it. `off` selects every site's default: nothing to write on a first apply, and on a
+    /// re-apply the build-time bytes are put back wherever they may be written (a site holding
+    /// several instructions only with no other thread running), the rest reported as they are.
+    /// An error in the overrides writes nothing: every site keeps what it runs.
     pub fn apply(self) -> Report {
         let start = Instant::now();
         let _guard = lock();
         let records = record::records();
-        let (overrides, error) = match self.overrides {
-            // Nothing to check: no table of the program's sites (a walk over every record).
-            Ok(o) if o.choices.is_empty() => (o, None),
-            Ok(o) => match o.check_choices(
-                choice_table(records)
-                    .iter()
-                    .map(|(n, c)| (*n, c.as_slice())),
-            ) {
-                Ok(()) => (o, None),
-                Err(e) => (Overrides::default(), Some(e)),
-            },
-            Err(e) => (Overrides::default(), Some(e)),
+        let detected = self.cpu.unwrap_or_else(Cpu::detect);
+        let (overrides, cpu, error) = match self.overrides {
+            Ok(mut o) => {
+                let cpu = detected.without(o.cleared);
+                // Only choices need the program's sites (a walk over every record).
+                let resolved = if o.choices.is_empty() {
+                    Ok(())
+                } else {
+                    o.resolve(descriptors(records), &cpu)
+                };
+                match resolved {
+                    Ok(()) => (o, cpu, None),
+                    Err(e) => (Overrides::default(), detected, Some(e)),
+                }
+            }
+            Err(e) => (Overrides::default(), detected, Some(e)),
         };
-        let cpu = self
-            .cpu
-            .unwrap_or_else(Cpu::detect)
-            .without(overrides.cleared);
         let mut writer = self.writer.unwrap_or_else(default_writer);
         let disabled = disabled_reason(&overrides, error.as_ref());
+        // What this apply may do: nothing at all (no patching in this build: nothing was ever
+        // written, so every site holds its default as built), only look (an error: nothing is
+        // written), put back defaults (`off`), or select and write.
+        let (select, write) = match (&error, &disabled) {
+            _ if !PATCHING_BUILT => {
+                let why = disabled.clone().map(intern).unwrap_or_default();
+                return Report {
+                    sites: records
+                        .iter()
+                        .map(|rec| SiteReport::new(rec, why.into()))
+                        .collect(),
+                    cpu,
+                    disabled,
+                    error,
+                    writer: writer.name(),
+                    stats: Default::default(),
+                    elapsed: start.elapsed(),
+                };
+            }
+            (Some(_), _) => (false, false),
+            (None, Some(_)) => (false, true),
+            (None, None) => (true, true),
+        };
 
         let mut report = Report {
             sites: Vec::with_capacity(records.len()),
@@ -169,13 +214,14 @@ impl Patcher {
             }
             let desc = rec.descriptor();
             let entry = selected.entry(address(desc)).or_insert_with(|| {
-                // Disabled: no predicate runs (a `when` function may not expect to).
-                let selection = match report.disabled {
-                    Some(_) => Selection {
+                // Not selecting: no predicate runs (a `when` function may not expect to).
+                let selection = if select {
+                    select::select(desc, &report.cpu, &overrides)
+                } else {
+                    Selection {
                         index: 0,
                         reason: Reason::Off,
-                    },
-                    None => select::select(desc, &report.cpu, &overrides),
+                    }
                 };
                 Selected {
                     why: match why_selected(desc, &selection) {
@@ -187,35 +233,46 @@ impl Patcher {
                     restored: None,
                 }
             });
-            if let Some(why) = &report.disabled {
-                let site = SiteReport::new(rec, why.clone().into());
-                report.sites.push(site);
-                continue;
-            }
+            let trampoline = rec.kind() == Some(record::SiteKind::Trampoline);
             let site = match plan_record(rec, &memory, &mut scratch, |_| entry.selection.clone()) {
-                Ok((selection, shape, write)) => {
-                    // The default running is "unpatched", whether as built or restored.
-                    let how = if selection.index == 0 {
-                        How::Unpatched
-                    } else {
-                        How::of(shape)
-                    };
-                    let why = match (&write, how) {
-                        (Some(_), How::Unpatched) => entry.restored(&mut suffixed),
-                        (None, how) if how != How::Unpatched => {
-                            entry.already_in_place(&mut suffixed)
+                Ok((selection, planned, new_bytes)) => {
+                    let held = How::running(planned.held, planned.held_shape, trampoline);
+                    let how = How::running(selection.index, planned.shape, trampoline);
+                    let (chosen, how, why) = match new_bytes {
+                        // An error: say what the site holds, write nothing.
+                        _ if !write => (planned.held, held, CONFIGURATION_ERROR.into()),
+                        Some(mut new_bytes) => {
+                            new_bytes.group = Some(&desc.name);
+                            written_sites.push((
+                                report.sites.len(),
+                                entry.why,
+                                (0, How::Unpatched),
+                            ));
+                            writes.push(new_bytes);
+                            let why = match how {
+                                How::Unpatched => entry.restored(&mut suffixed),
+                                _ => entry.why,
+                            };
+                            (selection.index, how, why.into())
                         }
-                        _ => entry.why,
+                        None if how != How::Unpatched => (
+                            selection.index,
+                            how,
+                            entry.already_in_place(&mut suffixed).into(),
+                        ),
+                        None => (selection.index, how, entry.why.into()),
                     };
-                    if let Some(mut write) = write {
-                        write.group = Some(&desc.name);
-                        written_sites.push(report.sites.len());
-                        writes.push(write);
-                    }
-                    let mut site = SiteReport::new(rec, why.into());
-                    // The record's count (a byte) bounds the index.
-                    site.chosen = u8::try_from(selection.index).unwrap_or(u8::MAX);
+                    let mut site = SiteReport::new(rec, why);
+                    // The record's count (a byte) bounds the indexes.
+                    site.chosen = u8::try_from(chosen).unwrap_or(u8::MAX);
                     site.how = how;
+                    if let Some(last) = written_sites
+                        .last_mut()
+                        .filter(|w| w.0 == report.sites.len())
+                    {
+                        // Until the batch is written (or if it is not), the site runs what it held.
+                        last.2 = (u8::try_from(planned.held).unwrap_or(u8::MAX), held);
+                    }
                     site
                 }
                 Err(why) => SiteReport::new(rec, why.into()),
@@ -227,13 +284,18 @@ impl Patcher {
             let (results, stats) = crate::write::write_batch(&writes, writer.as_mut());
             report.stats = stats;
             report.writer = writer.name();
-            for (i, result) in written_sites.into_iter().zip(results) {
+            for ((i, why, (held, held_how)), result) in written_sites.into_iter().zip(results) {
                 let site = &mut report.sites[i];
                 match result {
                     Ok(()) => site.written = true,
                     Err(e) => {
-                        site.why = format!("not written: {e}; runs what it ran before").into();
-                        site.how = How::Unpatched;
+                        let holds = site.candidates().nth(usize::from(held)).unwrap_or("?");
+                        site.why = format!(
+                            "{} selected ({why}) but not written: {e}; still runs {holds}",
+                            site.chosen(),
+                        )
+                        .into();
+                        (site.chosen, site.how) = (held, held_how);
                     }
                 }
             }
@@ -258,28 +320,30 @@ fn default_writer() -> Box<dyn TextWriter> {
     }
 }
 
-/// Every site's name and candidate names, for checking `ALTPATCH` choices: one entry per
-/// descriptor, however many inlined copies share it.
-fn choice_table(records: &[SiteRecord]) -> Vec<(&'static str, Vec<&'static str>)> {
+/// Every site's descriptor, once however many inlined copies share it: what `ALTPATCH` choices
+/// are resolved against (static branches included, to name them in errors).
+fn descriptors(records: &[SiteRecord]) -> Vec<&'static SiteDescriptor> {
     let mut seen: AddressMap<()> = AddressMap::default();
     records
         .iter()
-        // Static branches follow their key, never an `ALTPATCH` choice.
-        .filter(|r| record::is_understood(r) && r.descriptor().key.is_none())
-        .filter(|r| seen.insert(address(r.descriptor()), ()).is_none())
-        .map(|r| {
-            (
-                r.descriptor().name,
-                r.descriptor().candidate_names().collect(),
-            )
-        })
+        .filter(|r| record::is_understood(r))
+        .map(|r| r.descriptor())
+        .filter(|d| seen.insert(address(*d), ()).is_none())
         .collect()
 }
+
+/// Each site's reason when a configuration error leaves every site as it is.
+const CONFIGURATION_ERROR: &str =
+    "configuration error (see above): nothing written, runs what it ran";
+
+/// Whether this build patches at all (x86_64 Linux, without the `force-unpatched` feature).
+const PATCHING_BUILT: bool =
+    !cfg!(feature = "force-unpatched") && cfg!(all(target_arch = "x86_64", target_os = "linux"));
 
 fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Option<String> {
     if let Some(e) = error {
         return Some(format!(
-            "configuration error, every site runs its default: {e}"
+            "configuration error, every site keeps what it runs (its default, at startup): {e}"
         ));
     }
     if cfg!(feature = "force-unpatched") {
@@ -464,7 +528,7 @@ fn plan_record(
     memory: &crate::os::MemoryMap,
     scratch: &mut Scratch,
     select: impl FnOnce(&SiteDescriptor) -> Selection,
-) -> Result<(Selection, Shape, Option<SiteWrite>), String> {
+) -> Result<(Selection, plan::Planned, Option<SiteWrite>), String> {
     if !record::is_understood(rec) {
         return Err(not_understood(rec));
     }
@@ -532,18 +596,19 @@ fn plan_record(
             &mut scratch.planned,
         )
     };
-    let plan::Planned { shape, live } =
+    let planned =
         planned.map_err(|refusal| format!("refused: {refusal}; runs what it ran before"))?;
-    let planned = &scratch.planned;
+    let plan::Planned { shape, live, .. } = planned;
+    let new_bytes = &scratch.planned;
     // Only a site that changes gets its own copy of the new bytes.
-    let write = (planned[..] != *current).then(|| SiteWrite {
+    let write = (new_bytes[..] != *current).then(|| SiteWrite {
         ip: site as u64,
-        new: SiteBytes::from_slice(planned),
+        new: SiteBytes::from_slice(new_bytes),
         shape,
         live,
         group: None,
     });
-    Ok((selection, shape, write))
+    Ok((selection, planned, write))
 }
 
 /// Why `selection` was made: static text where it names nothing of the descriptor.
@@ -633,4 +698,19 @@ fn key_patching_disabled() -> Option<&'static String> {
             Err(e) => disabled_reason(&Overrides::default(), Some(&e)),
         })
         .as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_values() {
+        let wanted = |v: &str| super::log_wanted(Some(v.as_ref()));
+        assert!(!super::log_wanted(None));
+        for off in ["", " ", "0", "false", "FALSE", "no", "No", "off", " off "] {
+            assert!(!wanted(off), "{off:?}");
+        }
+        for on in ["1", "true", "yes", "on", "2", "all"] {
+            assert!(wanted(on), "{on:?}");
+        }
+    }
 }

@@ -2,17 +2,21 @@
 //! the kernel's `clearcpuid=` and `debug-alternative`).
 //!
 //! The value is a `,`-separated list of items; whitespace around items and around `=` is ignored:
-//! - `off`: patch nothing, every site runs its default;
+//! - `off`: select every site's default;
 //! - `cpu=-FEAT[-FEAT...]`: hide features from the CPU snapshot (repeatable, accumulates);
-//! - `SITE=CANDIDATE`: force a site's candidate; `SITE` is a full site name or a `::`-suffix.
+//! - `SITE=CANDIDATE`: force a site's candidate; `SITE` is a full site name or a `::`-suffix that
+//!   only one site name ends with (checked by [`Overrides::resolve`]).
 //!
 //! Empty items (`off,`, `a=b,,c=d`) are rejected: a stray `,` usually means a value went missing.
-//! Every mistake is an [`OverrideError`] naming the valid choices.
+//! Every mistake is an [`OverrideError`] naming the valid choices. The user-facing grammar is in
+//! the `altpatch` crate docs.
 
 use core::fmt;
 use core::str::FromStr;
 use std::ffi::OsString;
 
+use crate::cpu::Cpu;
+use crate::record::SiteDescriptor;
 use crate::{Feature, FeatureSet};
 
 /// The environment variable [`Overrides::from_env`] reads.
@@ -122,57 +126,111 @@ impl Overrides {
                 .is_some_and(|prefix| prefix.is_empty() || prefix.ends_with("::"))
     }
 
-    /// The forced candidate for the site with this full name, if any (the last matching choice
-    /// wins).
+    /// The candidate forced for the site with this full name, if any.
     ///
-    /// Does not look at [`off`](Overrides::off); callers check it first.
+    /// Choices name sites as written until [`resolve`](Overrides::resolve) replaces each with the
+    /// full name it matches; only a resolved choice (or one written as a full name) is found
+    /// here. Does not look at [`off`](Overrides::off); callers check it first.
     pub fn choice_for(&self, site_name: &str) -> Option<&str> {
         self.choices
             .iter()
             .rev()
-            .find(|c| Self::site_matches(&c.site, site_name))
+            .find(|c| c.site == site_name)
             .map(|c| c.candidate.as_str())
     }
 
-    /// Checks every choice against the program's sites: each choice must match at least one site
-    /// and name one of that site's candidates. `sites` yields (full site name, its candidate
-    /// names). Sites may repeat (one entry per inlined copy).
+    /// Resolves every choice against the program's sites (`sites`: their descriptors, repeats
+    /// allowed) and the CPU snapshot selection will use, in place: each choice's `site` becomes
+    /// the full name it names, and of several choices for one site the last is kept.
     ///
-    /// When a choice matches several sites, every one of them must have the candidate, so that no
-    /// match is silently left unforced.
-    pub fn check_choices<'a>(
-        &self,
-        sites: impl IntoIterator<Item = (&'a str, &'a [&'a str])> + Clone,
+    /// A choice names a site by its full name or by a suffix starting after a `::` that only one
+    /// site name ends with; it must name one of that site's candidates (every site sharing the
+    /// name must have it), and the candidate's predicate must not need a CPU feature `cpu` lacks
+    /// (a forced candidate skips its predicate; its instructions would fault). Static branches
+    /// follow their keys and cannot be chosen. Every failure is an error naming the valid
+    /// choices.
+    pub fn resolve<'a>(
+        &mut self,
+        sites: impl IntoIterator<Item = &'a SiteDescriptor> + Clone,
+        cpu: &Cpu,
     ) -> Result<(), OverrideError> {
-        for choice in &self.choices {
-            let mut matched = false;
-            for (name, candidates) in sites.clone() {
-                if !Self::site_matches(&choice.site, name) {
+        if self.choices.is_empty() {
+            return Ok(());
+        }
+        let names = |branches: bool| {
+            let mut names: Vec<&str> = (sites.clone().into_iter())
+                .filter(|d| d.key.is_some() == branches)
+                .map(|d| d.name)
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        };
+        let (choosable, branches) = (names(false), names(true));
+        let owned = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        for choice in &mut self.choices {
+            let matching = |list: &[&'a str]| -> Vec<&'a str> {
+                (list.iter().copied())
+                    .filter(|name| Self::site_matches(&choice.site, name))
+                    .collect()
+            };
+            let matches = matching(&choosable);
+            let exact = matches.iter().copied().find(|name| *name == choice.site);
+            let full: &'a str = match (exact, &matches[..]) {
+                (Some(full), _) | (None, &[full]) => full,
+                (None, []) => {
+                    let site = choice.site.clone();
+                    let hit = matching(&branches);
+                    return Err(if hit.is_empty() {
+                        OverrideError::UnknownSite {
+                            site,
+                            known: owned(&choosable),
+                            branches: owned(&branches),
+                        }
+                    } else {
+                        OverrideError::StaticBranch {
+                            site,
+                            branches: owned(&hit),
+                        }
+                    });
+                }
+                (None, _) => {
+                    return Err(OverrideError::AmbiguousSite {
+                        site: choice.site.clone(),
+                        matches: owned(&matches),
+                    });
+                }
+            };
+            for desc in sites.clone() {
+                if desc.key.is_some() || desc.name != full {
                     continue;
                 }
-                matched = true;
-                if !candidates.contains(&choice.candidate.as_str()) {
+                let Some(candidate) = desc.candidates.iter().find(|c| c.name == choice.candidate)
+                else {
                     return Err(OverrideError::UnknownCandidate {
-                        site: name.to_owned(),
+                        site: full.to_owned(),
                         candidate: choice.candidate.clone(),
-                        known: candidates.iter().map(|c| (*c).to_owned()).collect(),
+                        known: desc.candidate_names().map(str::to_owned).collect(),
+                    });
+                };
+                let missing = candidate.predicate.missing_features(cpu);
+                if !missing.is_empty() {
+                    return Err(OverrideError::MissingFeatures {
+                        site: full.to_owned(),
+                        candidate: choice.candidate.clone(),
+                        missing: missing.iter().map(Feature::name).collect(),
                     });
                 }
             }
-            if !matched {
-                let mut known: Vec<String> = sites
-                    .clone()
-                    .into_iter()
-                    .map(|(name, _)| name.to_owned())
-                    .collect();
-                known.sort();
-                known.dedup();
-                return Err(OverrideError::UnknownSite {
-                    site: choice.site.clone(),
-                    known,
-                });
-            }
+            choice.site = full.to_owned();
         }
+        // The last choice for a site wins: keep only it.
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: Vec<SiteChoice> = (self.choices.drain(..).rev())
+            .filter(|c| seen.insert(c.site.clone()))
+            .collect();
+        kept.reverse();
+        self.choices = kept;
         Ok(())
     }
 }
@@ -275,8 +333,24 @@ pub enum OverrideError {
     },
     /// `cpu=+NAME`: features can only be hidden, never forced on.
     ForcedFeature { name: String },
-    /// A `SITE=` matching no site; `known` holds every full site name, sorted and deduplicated.
-    UnknownSite { site: String, known: Vec<String> },
+    /// A `SITE=` matching no site; `known` holds every full site name `ALTPATCH` can choose for,
+    /// `branches` every static branch's (which follow their keys), each sorted and deduplicated.
+    UnknownSite {
+        site: String,
+        known: Vec<String>,
+        branches: Vec<String>,
+    },
+    /// A `SITE=` that is a suffix of several site names (listed, sorted) and the full name of none.
+    AmbiguousSite { site: String, matches: Vec<String> },
+    /// A `SITE=` naming only static branches (listed): they follow their keys, not `ALTPATCH`.
+    StaticBranch { site: String, branches: Vec<String> },
+    /// A forced candidate whose predicate needs CPU features this CPU (after `cpu=-` masking)
+    /// lacks: forced, it would run instructions the CPU faults on.
+    MissingFeatures {
+        site: String,
+        candidate: String,
+        missing: Vec<&'static str>,
+    },
     /// A choice whose matching site (full name) lacks the candidate; `known` holds its candidates.
     UnknownCandidate {
         site: String,
@@ -308,16 +382,52 @@ impl fmt::Display for OverrideError {
                 "cpu=+{name} is not supported: forcing a feature on would make the CPU fault on \
                  its instructions; features can only be hidden, as in cpu=-{name}"
             ),
-            Self::UnknownSite { site, known } if known.is_empty() => {
-                write!(f, "unknown site {site:?}; this program has no sites")
+            Self::UnknownSite {
+                site,
+                known,
+                branches,
+            } => {
+                write!(f, "unknown site {site:?}; ")?;
+                match (known.is_empty(), branches.is_empty()) {
+                    (true, true) => f.write_str("this program has no sites"),
+                    (true, false) => write!(
+                        f,
+                        "this program has no sites ALTPATCH can choose for, only static \
+                         branches, which follow their keys (StaticKey::enable/disable): {}",
+                        branches.join(", ")
+                    ),
+                    (false, true) => write!(f, "sites in this program: {}", known.join(", ")),
+                    (false, false) => write!(
+                        f,
+                        "sites in this program: {}; and static branches, which follow their \
+                         keys (StaticKey::enable/disable), not ALTPATCH: {}",
+                        known.join(", "),
+                        branches.join(", ")
+                    ),
+                }
             }
-            Self::UnknownSite { site, known } => {
-                write!(
-                    f,
-                    "unknown site {site:?}; sites in this program: {}",
-                    known.join(", ")
-                )
-            }
+            Self::AmbiguousSite { site, matches } => write!(
+                f,
+                "site {site:?} is ambiguous: it ends {} site names ({}); write more of the path",
+                matches.len(),
+                matches.join(", ")
+            ),
+            Self::StaticBranch { site, branches } => write!(
+                f,
+                "site {site:?} is a static branch ({}): it follows its key \
+                 (StaticKey::enable/disable), not ALTPATCH",
+                branches.join(", ")
+            ),
+            Self::MissingFeatures {
+                site,
+                candidate,
+                missing,
+            } => write!(
+                f,
+                "{site}={candidate} is refused: candidate {candidate:?} needs {}, which this CPU \
+                 lacks (or cpu=- hides); forced, it would make the CPU fault on its instructions",
+                missing.join(", ")
+            ),
             Self::UnknownCandidate {
                 site,
                 candidate,
@@ -382,12 +492,9 @@ mod tests {
         let hidden = FeatureSet::EMPTY.with(Feature::Avx2).with(Feature::Bmi2);
         assert_eq!(o.cleared, hidden);
         assert_eq!(choices(&o), [("q::a", "y"), ("a", "z")]);
-        assert_eq!(o.choice_for("q::a"), Some("z"));
-        assert_eq!(o.choice_for("r::a"), Some("z"));
-        assert_eq!(o.choice_for("b"), None);
-        let o = parse("a=z,q::a=y");
-        assert_eq!(o.choice_for("q::a"), Some("y"));
-        assert_eq!(o.choice_for("r::a"), Some("z"));
+        // Until resolved, a choice is found by the name as written.
+        assert_eq!(o.choice_for("a"), Some("z"));
+        assert_eq!(o.choice_for("r::a"), None);
     }
 
     #[test]
@@ -471,23 +578,178 @@ mod tests {
         assert!(!matches("q::popcount", "popcount") && !matches("", "popcount"));
     }
 
+    use crate::record::Candidate;
+    use crate::select::Predicate;
+    use crate::static_key::{BRANCH_CANDIDATES, KeySite, StaticKey};
+
+    const fn candidate(name: &'static str, predicate: Predicate) -> Candidate {
+        let predicate_text = "";
+        Candidate {
+            name,
+            predicate_text,
+            predicate,
+        }
+    }
+
+    const fn descriptor(name: &'static str, candidates: &'static [Candidate]) -> SiteDescriptor {
+        let (file, line, key) = ("t.rs", 1, None);
+        SiteDescriptor {
+            name,
+            file,
+            line,
+            candidates,
+            key,
+        }
+    }
+
+    const DEFAULT: Candidate = candidate("default", Predicate::Always);
+    static POPCOUNT: SiteDescriptor = descriptor(
+        "a::popcount",
+        &[
+            DEFAULT,
+            candidate("popcnt", Predicate::Feature(Feature::Popcnt)),
+        ],
+    );
+    static SUM: SiteDescriptor = descriptor(
+        "b::sum",
+        &[
+            DEFAULT,
+            candidate(
+                "avx2",
+                Predicate::All(&[
+                    Predicate::Feature(Feature::Avx2),
+                    Predicate::Feature(Feature::Bmi2),
+                ]),
+            ),
+            candidate("vm", Predicate::AnyHypervisor),
+        ],
+    );
+    static HIST_ADD: SiteDescriptor = descriptor("ck::Histogram::add", &[DEFAULT]);
+    static COUNTER_ADD: SiteDescriptor = descriptor("ck::Counter::add", &[DEFAULT]);
+    static TRACE: StaticKey = StaticKey::new(false);
+    static BRANCH: SiteDescriptor = SiteDescriptor {
+        key: Some(KeySite {
+            key: &TRACE,
+            jump_when_enabled: true,
+        }),
+        ..descriptor("a::TRACE", &BRANCH_CANDIDATES)
+    };
+
+    fn all_features() -> Cpu {
+        Cpu::synthetic(Feature::ALL.iter().copied().collect(), None)
+    }
+
+    /// Resolves `text` against `sites` on `cpu`.
+    fn resolve(
+        text: &str,
+        sites: &[&SiteDescriptor],
+        cpu: &Cpu,
+    ) -> Result<Overrides, OverrideError> {
+        let mut o = parse(text);
+        o.resolve(sites.iter().copied(), cpu).map(|()| o)
+    }
+
     #[test]
-    fn checking_choices() {
-        let (pc, sum): (&[&str], &[&str]) = (&["default", "popcnt"], &["default", "avx2"]);
-        let sites = [("b::sum", sum), ("a::popcount", pc), ("a::popcount", pc)];
-        let ok = parse("popcount=popcnt,b::sum=avx2,off");
-        assert_eq!(ok.check_choices(sites), Ok(()));
-        assert_eq!(Overrides::default().check_choices(sites), Ok(()));
+    fn choices_resolve_to_full_names() {
+        let sites = [&SUM, &POPCOUNT, &POPCOUNT, &HIST_ADD, &COUNTER_ADD, &BRANCH];
+        let cpu = all_features();
+        let o = resolve(
+            "popcount=popcnt,b::sum=avx2,Histogram::add=default,off",
+            &sites,
+            &cpu,
+        );
+        let o = o.unwrap();
+        let want = [
+            ("a::popcount", "popcnt"),
+            ("b::sum", "avx2"),
+            ("ck::Histogram::add", "default"),
+        ];
+        assert_eq!(choices(&o), want);
+        assert_eq!(o.choice_for("a::popcount"), Some("popcnt"));
+        assert_eq!(o.choice_for("popcount"), None);
+        // The last choice for a site wins, however each was written.
+        let o = resolve("a::popcount=default,popcount=popcnt", &sites, &cpu).unwrap();
+        assert_eq!(choices(&o), [("a::popcount", "popcnt")]);
+        let o = resolve("popcount=popcnt,a::popcount=default", &sites, &cpu).unwrap();
+        assert_eq!(choices(&o), [("a::popcount", "default")]);
+        assert_eq!(resolve("", &sites, &cpu), Ok(Overrides::default()));
+        // A full name wins over the longer names it is a suffix of.
+        static NESTED: SiteDescriptor = descriptor("x::a::popcount", &[DEFAULT]);
+        let o = resolve("a::popcount=popcnt", &[&POPCOUNT, &NESTED], &cpu).unwrap();
+        assert_eq!(o.choice_for("a::popcount"), Some("popcnt"));
+        assert_eq!(o.choice_for("x::a::popcount"), None);
+    }
 
-        let (e, m) = err(parse("a::popcount=default,foo=x").check_choices(sites));
-        let (site, known) = ("foo".into(), strings(&["a::popcount", "b::sum"]));
-        assert_eq!(e, E::UnknownSite { site, known });
-        let want = "unknown site \"foo\"; sites in this program: a::popcount, b::sum";
+    #[test]
+    fn unknown_ambiguous_and_branch_sites() {
+        let sites = [&SUM, &POPCOUNT, &HIST_ADD, &COUNTER_ADD, &BRANCH];
+        let cpu = all_features();
+        let (e, m) = err(resolve("a::popcount=default,foo=x", &sites, &cpu));
+        let E::UnknownSite {
+            site,
+            known,
+            branches,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(site, "foo");
+        let names = [
+            "a::popcount",
+            "b::sum",
+            "ck::Counter::add",
+            "ck::Histogram::add",
+        ];
+        assert_eq!((known, branches), (strings(&names), strings(&["a::TRACE"])));
+        let want = "unknown site \"foo\"; sites in this program: a::popcount, b::sum, \
+                    ck::Counter::add, ck::Histogram::add; and static branches, which follow their \
+                    keys (StaticKey::enable/disable), not ALTPATCH: a::TRACE";
         assert_eq!(m, format!("ALTPATCH: {want}"));
-        let (_, m) = err(parse("popcount=popcnt,sum::popcount=x").check_choices(sites));
-        assert!(m.starts_with("ALTPATCH: unknown site \"sum::popcount\";"));
+        // A suffix only matches at `::`.
+        let (e, _) = err(resolve("count=default", &sites, &cpu));
+        assert!(matches!(e, E::UnknownSite { .. }));
 
-        let (e, m) = err(parse("popcount=avx9").check_choices(sites));
+        let (e, m) = err(resolve("add=default", &sites, &cpu));
+        let matches = strings(&["ck::Counter::add", "ck::Histogram::add"]);
+        assert_eq!(
+            e,
+            E::AmbiguousSite {
+                site: "add".into(),
+                matches
+            }
+        );
+        let want = "site \"add\" is ambiguous: it ends 2 site names (ck::Counter::add, \
+                    ck::Histogram::add); write more of the path";
+        assert_eq!(m, format!("ALTPATCH: {want}"));
+
+        let (e, m) = err(resolve("TRACE=default", &sites, &cpu));
+        let branches = strings(&["a::TRACE"]);
+        assert_eq!(
+            e,
+            E::StaticBranch {
+                site: "TRACE".into(),
+                branches
+            }
+        );
+        assert!(
+            m.contains("is a static branch (a::TRACE): it follows its key"),
+            "{m}"
+        );
+
+        // A program whose only sites are static branches says so.
+        let (_, m) = err(resolve("x=y", &[&BRANCH], &cpu));
+        let want = "unknown site \"x\"; this program has no sites ALTPATCH can choose for, \
+                    only static branches, which follow their keys (StaticKey::enable/disable): \
+                    a::TRACE";
+        assert_eq!(m, format!("ALTPATCH: {want}"));
+        let (_, m) = err(resolve("x=y", &[], &cpu));
+        assert_eq!(m, "ALTPATCH: unknown site \"x\"; this program has no sites");
+    }
+
+    #[test]
+    fn unknown_candidates() {
+        let cpu = all_features();
+        let (e, m) = err(resolve("popcount=avx9", &[&POPCOUNT, &SUM], &cpu));
         let E::UnknownCandidate {
             site,
             candidate,
@@ -501,13 +763,34 @@ mod tests {
         let want =
             "site \"a::popcount\" has no candidate \"avx9\"; its candidates: default, popcnt";
         assert_eq!(m, format!("ALTPATCH: {want}"));
+        // Every site sharing the name must have the candidate.
+        static OTHER: SiteDescriptor = descriptor("a::popcount", &[DEFAULT]);
+        let (e, _) = err(resolve("popcount=popcnt", &[&POPCOUNT, &OTHER], &cpu));
+        assert!(matches!(e, E::UnknownCandidate { known, .. } if known == ["default"]));
+    }
 
-        // A choice matching several sites must be valid for each of them.
-        let two = [("a::popcount", pc), ("b::popcount", &["default"][..])];
-        let (e, _) = err(parse("popcount=popcnt").check_choices(two));
-        assert!(matches!(e, E::UnknownCandidate { site, .. } if site == "b::popcount"));
-        let (_, m) = err(parse("x=y").check_choices([]));
-        assert_eq!(m, "ALTPATCH: unknown site \"x\"; this program has no sites");
+    #[test]
+    fn forced_candidates_need_their_features() {
+        let (masked, _) = (
+            all_features().without(FeatureSet::EMPTY.with(Feature::Bmi2)),
+            (),
+        );
+        let (e, m) = err(resolve("sum=avx2", &[&SUM], &masked));
+        let want = E::MissingFeatures {
+            site: "b::sum".into(),
+            candidate: "avx2".into(),
+            missing: vec!["bmi2"],
+        };
+        assert_eq!(e, want);
+        let want = "b::sum=avx2 is refused: candidate \"avx2\" needs bmi2, which this CPU lacks \
+                    (or cpu=- hides); forced, it would make the CPU fault on its instructions";
+        assert_eq!(m, format!("ALTPATCH: {want}"));
+        let bare = Cpu::synthetic(FeatureSet::EMPTY, None);
+        let (e, _) = err(resolve("sum=avx2", &[&SUM], &bare));
+        assert!(matches!(e, E::MissingFeatures { missing, .. } if missing == ["bmi2", "avx2"]));
+        // The default and candidates whose predicates need no feature can always be forced.
+        assert!(resolve("sum=vm,popcount=default", &[&SUM, &POPCOUNT], &bare).is_ok());
+        assert!(resolve("sum=avx2", &[&SUM], &all_features()).is_ok());
     }
 
     #[test]

@@ -116,6 +116,12 @@ pub struct Planned {
     pub shape: Shape,
     /// Whether they may be written while other threads run.
     pub live: LiveWrite,
+    /// The candidate the site holds now, recognised before planning: what it runs until the new
+    /// bytes are written, and after, if they are not (an index into the candidates given).
+    pub held: usize,
+    /// What the held bytes do (for a trampoline holding a copy of a candidate's body, not a
+    /// `jmp`).
+    pub held_shape: Shape,
 }
 
 /// The bytes to write at one site.
@@ -425,7 +431,7 @@ pub fn plan_site(
     chosen: usize,
 ) -> Result<Plan, Refusal> {
     let mut bytes = Vec::with_capacity(current.len());
-    let Planned { shape, live } =
+    let Planned { shape, live, .. } =
         plan_site_into(site_ip, current, candidates, names, chosen, &mut bytes)?;
     Ok(Plan {
         ip: site_ip,
@@ -474,8 +480,8 @@ pub fn plan_site_into(
         }
         Ok(relocated)
     };
-    // The length of the instructions the site holds now, before their filler.
-    let mut old_body = None;
+    // The candidate the site holds now, and the length of its instructions before their filler.
+    let mut old = None;
     for i in order.clone() {
         let relocated = relocate_at_site(i)?;
         let body = relocated.bytes();
@@ -483,11 +489,11 @@ pub fn plan_site_into(
             bytes.extend_from_slice(body);
         }
         if current.starts_with(body) && is_known_filler(&current[body.len()..]) {
-            old_body = Some(body.len());
+            old = Some((i, body.len()));
             break;
         }
     }
-    if old_body.is_none() {
+    if old.is_none() {
         for i in order {
             let relocated = relocate_at_site(i)?;
             let instrs = decode(Block {
@@ -495,13 +501,13 @@ pub fn plan_site_into(
                 ip: site_ip,
             })
             .map_err(|d| undecodable(name(i), d))?;
-            old_body = matches_block(site, &instrs);
-            if old_body.is_some() {
+            old = matches_block(site, &instrs).map(|len| (i, len));
+            if old.is_some() {
                 break;
             }
         }
     }
-    let Some(old_body) = old_body else {
+    let Some((held, old_body)) = old else {
         return Err(Refusal::UnexpectedBytes {
             found: current.to_vec(),
         });
@@ -555,7 +561,25 @@ pub fn plan_site_into(
             shape_of(&instrs, body_len)
         }
     };
-    Ok(Planned { shape, live })
+    // What the site runs until written: the chosen candidate's shape, or (a write follows, so a
+    // decode costs little beside it) the old instructions'.
+    let held_shape = match simple_shape(&current[..old_body], site_ip) {
+        _ if held == chosen => shape,
+        Some(shape) => shape,
+        None => decode(Block {
+            bytes: &current[..old_body],
+            ip: site_ip,
+        })
+        .map_or(Shape::Inline { len: old_body }, |instrs| {
+            shape_of(&instrs, old_body)
+        }),
+    };
+    Ok(Planned {
+        shape,
+        live,
+        held,
+        held_shape,
+    })
 }
 
 /// The first place past byte 0 where a thread may stop in a site's bytes and resume later.
@@ -630,6 +654,8 @@ pub fn plan_trampoline_into(
         .map(|i| names.get(i).copied().unwrap_or("candidate"))
         .collect();
     let mut chosen_form = chosen;
+    // The candidate of each body form, after the candidates' own forms.
+    let mut body_of = Vec::new();
     for (k, body) in bodies.iter().enumerate() {
         let Some(body) = body else { continue };
         if !relocated(*body, site_ip).is_ok_and(|r| r.bytes().len() <= current.len()) {
@@ -640,8 +666,17 @@ pub fn plan_trampoline_into(
         }
         forms.push(*body);
         form_names.push(form_names.get(k).copied().unwrap_or("candidate"));
+        body_of.push(k);
     }
-    plan_site_into(site_ip, current, &forms, &form_names, chosen_form, bytes)
+    let mut planned = plan_site_into(site_ip, current, &forms, &form_names, chosen_form, bytes)?;
+    if let Some(&k) = planned
+        .held
+        .checked_sub(candidates.len())
+        .and_then(|b| body_of.get(b))
+    {
+        planned.held = k;
+    }
+    Ok(planned)
 }
 
 /// The length of `code`'s straight-line start through its first `ret`: instructions that

@@ -26,11 +26,22 @@ pub enum How {
     Inline,
     /// NOPs only.
     Nop,
-    /// The site was left as built: it runs its default.
+    /// The site holds its build-time bytes: it runs its default.
     Unpatched,
 }
 
 impl How {
+    /// How a site holding candidate `index`, whose bytes do `shape`, runs: `Unpatched` for the
+    /// default as built (a trampoline's default as built is its `jmp`; a copy of the default's
+    /// body is `Inline`).
+    pub(crate) fn running(index: usize, shape: Shape, trampoline: bool) -> How {
+        match shape {
+            Shape::Jump { .. } if index == 0 => How::Unpatched,
+            _ if index == 0 && !trampoline => How::Unpatched,
+            _ => How::of(shape),
+        }
+    }
+
     pub(crate) fn of(shape: Shape) -> How {
         match shape {
             Shape::Call { .. } => How::Call,
@@ -132,14 +143,18 @@ impl SiteReport {
             .map(|c| c.name)
     }
 
-    /// The selected candidate (what runs, unless [`how`](Self::how) is `Unpatched`).
+    /// The candidate the site's bytes hold after the apply: the selected one where it was
+    /// written or found in place, else the one the site already held (a write that failed or
+    /// must wait for no other thread to run; a configuration error). `default` for a site left
+    /// alone without being recognised (refused).
     pub fn chosen(&self) -> &'static str {
         self.descriptor()
             .and_then(|d| d.candidates.get(usize::from(self.chosen)))
             .map_or("default", |c| c.name)
     }
 
-    /// How the site runs now.
+    /// How the site runs now: what [`chosen`](Self::chosen)'s bytes at the site do
+    /// (`Unpatched`: the default, as built).
     pub fn how(&self) -> How {
         self.how
     }
@@ -149,7 +164,8 @@ impl SiteReport {
         self.written
     }
 
-    /// Why: the selection's reason, or why the site was left alone.
+    /// Why: the selection's reason, or why the site was left alone (and what was selected, when
+    /// it could not be written).
     pub fn why(&self) -> &str {
         &self.why
     }
@@ -218,7 +234,9 @@ pub struct Report {
     pub sites: Vec<SiteReport>,
     /// The CPU snapshot selection used (after `ALTPATCH` `cpu=` masking).
     pub cpu: Cpu,
-    /// Why nothing was written at all (platform, `ALTPATCH=off`, a configuration error), if so.
+    /// Why no candidate was selected (platform, `ALTPATCH=off`, a configuration error), if so.
+    /// Nothing is written then, except that `off` puts back the defaults an earlier apply
+    /// replaced.
     pub disabled: Option<String>,
     /// A malformed `ALTPATCH` value or an unknown name in it.
     #[cfg_attr(
@@ -273,8 +291,10 @@ impl fmt::Display for Report {
         )?;
         writeln!(f)?;
         writeln!(f, "cpu: {}", self.cpu)?;
-        if let Some(why) = &self.disabled {
-            writeln!(f, "nothing written: {why}")?;
+        match &self.disabled {
+            Some(why) if written == 0 => writeln!(f, "nothing written: {why}")?,
+            Some(why) => writeln!(f, "{why}: {written} sites restored to their defaults")?,
+            None => {}
         }
         if let Some(warning) = &self.stats.warning {
             writeln!(f, "warning: {warning}")?;

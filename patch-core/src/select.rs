@@ -6,10 +6,10 @@
 
 use core::fmt;
 
-use crate::Feature;
 use crate::cpu::{Cpu, HypervisorKind};
 use crate::overrides::Overrides;
 use crate::record::SiteDescriptor;
+use crate::{Feature, FeatureSet};
 
 /// When a candidate may run. Built in `const` context by the macros.
 #[derive(Clone, Copy)]
@@ -51,6 +51,34 @@ impl Predicate {
             Predicate::All(ps) => ps.iter().all(|p| p.holds(cpu)),
             Predicate::Any(ps) => ps.iter().any(|p| p.holds(cpu)),
             Predicate::When(_, f) => f(),
+        }
+    }
+
+    /// The CPU features the predicate needs that `cpu` lacks: empty when its feature terms hold.
+    ///
+    /// Only feature terms count (`hypervisor`, `when` and `not(..)` say where a candidate is
+    /// preferred, not what its instructions need): a forced candidate that lacks one of these
+    /// would run instructions the CPU faults on. `any(..)` needs nothing when one branch needs
+    /// nothing, else it lists what every branch lacks.
+    pub fn missing_features(&self, cpu: &Cpu) -> FeatureSet {
+        let union = |sets: &mut dyn Iterator<Item = FeatureSet>| {
+            sets.fold(FeatureSet::EMPTY, |mut all, set| {
+                set.iter().for_each(|f| all.insert(f));
+                all
+            })
+        };
+        match self {
+            Predicate::Feature(f) if !cpu.has(*f) => FeatureSet::EMPTY.with(*f),
+            Predicate::All(ps) => union(&mut ps.iter().map(|p| p.missing_features(cpu))),
+            Predicate::Any(ps) => {
+                let each: Vec<FeatureSet> = ps.iter().map(|p| p.missing_features(cpu)).collect();
+                if each.iter().any(|m| m.is_empty()) {
+                    FeatureSet::EMPTY
+                } else {
+                    union(&mut each.into_iter())
+                }
+            }
+            _ => FeatureSet::EMPTY,
         }
     }
 }
@@ -134,7 +162,8 @@ impl fmt::Display for Reason {
 
 /// Selects the candidate of `site` for `cpu` under `overrides`.
 ///
-/// `overrides` must have passed [`Overrides::check_choices`], so a forced name exists.
+/// `overrides` must be resolved ([`Overrides::resolve`]): a forced choice names a site by its
+/// full name and a candidate it has.
 pub fn select(site: &SiteDescriptor, cpu: &Cpu, overrides: &Overrides) -> Selection {
     if overrides.off {
         return Selection {
@@ -176,7 +205,6 @@ pub fn select(site: &SiteDescriptor, cpu: &Cpu, overrides: &Overrides) -> Select
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::FeatureSet;
     use crate::record::Candidate;
 
     static SUM: SiteDescriptor = SiteDescriptor {
@@ -226,7 +254,8 @@ mod tests {
     #[test]
     fn overrides_come_first() {
         let all = cpu(&[Feature::Avx2, Feature::Bmi2, Feature::Sse4_2]);
-        let forced = Overrides::parse("sum=sse4_2").unwrap();
+        let mut forced = Overrides::parse("sum=sse4_2").unwrap();
+        forced.resolve([&SUM], &all).unwrap();
         assert_eq!(
             select(&SUM, &all, &forced),
             Selection {
@@ -292,5 +321,27 @@ mod tests {
             assert_eq!(c.predicate.to_string(), c.predicate_text);
         }
         assert_eq!(NOT_AVX.to_string(), "not(avx)");
+    }
+
+    #[test]
+    fn missing_features_count_feature_terms_only() {
+        let missing = |p: &Predicate, features: &[Feature]| -> Vec<Feature> {
+            p.missing_features(&cpu(features)).iter().collect()
+        };
+        let avx2_bmi2 = &SUM.candidates[1].predicate;
+        assert_eq!(missing(avx2_bmi2, &[Feature::Avx2]), [Feature::Bmi2]);
+        assert_eq!(missing(avx2_bmi2, &[Feature::Avx2, Feature::Bmi2]), []);
+        static EITHER: Predicate = Predicate::Any(&[
+            Predicate::Feature(Feature::Avx2),
+            Predicate::All(&[
+                Predicate::Feature(Feature::Sse4_2),
+                Predicate::AnyHypervisor,
+            ]),
+        ]);
+        assert_eq!(missing(&EITHER, &[Feature::Sse4_2]), []);
+        assert_eq!(missing(&EITHER, &[]), [Feature::Sse4_2, Feature::Avx2]);
+        static NOT: Predicate = Predicate::Not(&Predicate::Feature(Feature::Avx2));
+        assert_eq!(missing(&NOT, &[]), []);
+        assert_eq!(missing(&Predicate::When("x", || false), &[]), []);
     }
 }

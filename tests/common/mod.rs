@@ -7,7 +7,7 @@ mod fork;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use altpatch::{Cpu, Feature, FeatureSet, SiteReport, TextWriter};
+use altpatch::{Cpu, Feature, FeatureSet, How, SiteReport, TextWriter};
 #[allow(unused_imports)]
 pub use fork::in_forked_child;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
@@ -184,5 +184,116 @@ impl TextWriter for RefusingWriter {
     }
     fn finish(&mut self) -> Result<(), String> {
         Ok(())
+    }
+}
+
+/// Instructions formatted so that the same code relocated elsewhere prints the same: branch
+/// targets and RIP-relative operands as absolute addresses, no branch-size hints.
+fn formatted(instrs: &[Instruction]) -> Vec<String> {
+    use iced_x86::{Formatter, IntelFormatter};
+    let mut formatter = IntelFormatter::new();
+    formatter.options_mut().set_show_branch_size(false);
+    formatter.options_mut().set_rip_relative_addresses(false);
+    instrs
+        .iter()
+        .map(|instr| {
+            let mut text = String::new();
+            formatter.format(instr, &mut text);
+            text
+        })
+        .collect()
+}
+
+fn decode_all(bytes: &[u8], ip: u64) -> Vec<Instruction> {
+    Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE)
+        .iter()
+        .collect()
+}
+
+/// The instructions a site's bytes start with before their filler (NOPs, or a `jmp` over
+/// `int3`s to the site's end, or nothing after a `jmp` that leaves the site).
+fn site_body(site: &SiteReport) -> Vec<Instruction> {
+    let mut instrs = decode_site(site);
+    let end = site.addr() as u64 + site.len() as u64;
+    let filler = |i: &Instruction| {
+        i.mnemonic() == Mnemonic::Nop
+            || (i.mnemonic() == Mnemonic::Jmp && i.near_branch_target() == end)
+            || i.mnemonic() == Mnemonic::Int3
+    };
+    let body = match instrs
+        .iter()
+        .position(|i| i.mnemonic() == Mnemonic::Jmp && !filler(i))
+    {
+        // Whatever follows a jump out of the site never runs.
+        Some(jmp) if instrs[..jmp].iter().all(|i| !filler(i)) => jmp + 1,
+        _ => instrs.iter().position(filler).unwrap_or(instrs.len()),
+    };
+    assert!(
+        instrs[body..]
+            .iter()
+            .all(|i| filler(i) || i.mnemonic() == Mnemonic::Jmp),
+        "{}: {:?} after the instructions is not filler",
+        site.name(),
+        formatted(&instrs[body..])
+    );
+    instrs.truncate(body);
+    instrs
+}
+
+/// Asserts that the report entry says what the site's bytes are, read back and decoded
+/// independently of the planner: `chosen()`'s instructions (relocated, or for a trampoline a
+/// copy of its function's body) followed by filler, and `how()` their form. Returns what the
+/// site was found to run, for messages.
+pub fn assert_entry_matches_bytes(site: &SiteReport) -> String {
+    let what = format!(
+        "{} at {:#x} ({} / {})",
+        site.name(),
+        site.addr(),
+        site.chosen(),
+        site.how()
+    );
+    let body = site_body(site);
+    let index = site
+        .candidates()
+        .position(|c| c == site.chosen())
+        .unwrap_or_else(|| panic!("{what}: chosen is not a candidate"));
+    let (bytes, ip) = site.record().replacement(index).expect("block exists");
+    let block = decode_all(bytes, ip as u64);
+    let trampoline = site.kind() == Some(altpatch::SiteKind::Trampoline);
+    let expected = match site.how() {
+        // A trampoline holding a copy of the candidate's function: that function's first
+        // instructions, through its `ret`.
+        How::Inline if trampoline => {
+            let target = block[0].near_branch_target();
+            // SAFETY: the candidate's function is mapped program text at least as long as the copy.
+            let code = unsafe { std::slice::from_raw_parts(target as *const u8, site.len()) };
+            let mut body_instrs = decode_all(code, target);
+            body_instrs.truncate(body.len());
+            body_instrs
+        }
+        _ => block,
+    };
+    assert_eq!(
+        formatted(&body),
+        formatted(&expected),
+        "{what}: the site's instructions are not its chosen candidate's"
+    );
+    let form = match body.first() {
+        None => How::Nop,
+        Some(first) if body.len() == 1 && first.mnemonic() == Mnemonic::Call => How::Call,
+        Some(first) if first.mnemonic() == Mnemonic::Jmp => How::Jmp,
+        Some(_) => How::Inline,
+    };
+    match site.how() {
+        How::Unpatched => assert_eq!(index, 0, "{what}: unpatched must be the default"),
+        how => assert_eq!(how, form, "{what}: the bytes are a {form}"),
+    }
+    what
+}
+
+/// [`assert_entry_matches_bytes`] for every understood site of `report`.
+pub fn assert_report_matches_bytes(report: &altpatch::Report) {
+    for site in report.sites.iter().filter(|s| s.kind().is_some()) {
+        assert_entry_matches_bytes(site);
     }
 }

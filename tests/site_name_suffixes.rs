@@ -1,0 +1,122 @@
+//! `ALTPATCH` names a site by its full path or by any suffix (starting after a `::`) that only one
+//! site name of the program ends with; a suffix several names end with is an error listing them.
+
+use std::hint::black_box;
+
+use altpatch::{Cpu, Feature, OverrideError, Patcher, Report};
+
+// Each candidate is one 5-byte instruction (a `ds` prefix pads the 4-byte `lea`), so sites switch
+// while the harness's other threads run.
+
+mod ring {
+    #[altpatch::alternative(inline, bmi2 => asm("ds lea rax, [rdi + 1]"))]
+    pub fn add(x: u64) -> u64 {
+        x
+    }
+}
+
+mod tree {
+    #[altpatch::alternative(inline, bmi2 => asm("ds lea rax, [rdi + 2]"), popcnt => asm("ds lea rax, [rdi + 3]"))]
+    pub fn add(x: u64) -> u64 {
+        x
+    }
+}
+
+mod deep {
+    pub mod ring {
+        #[altpatch::alternative(inline, bmi2 => asm("ds lea rax, [rdi + 4]"))]
+        pub fn add(x: u64) -> u64 {
+            x
+        }
+    }
+}
+
+const RING: &str = "site_name_suffixes::ring::add";
+const TREE: &str = "site_name_suffixes::tree::add";
+const DEEP: &str = "site_name_suffixes::deep::ring::add";
+
+fn apply(overrides: &str) -> Report {
+    let cpu = Cpu::synthetic(Feature::ALL.iter().copied().collect(), None);
+    Patcher::new().cpu(cpu).overrides_str(overrides).apply()
+}
+
+fn chosen<'a>(report: &'a Report, name: &str) -> &'a str {
+    let mut sites = report.sites.iter().filter(|s| s.name() == name);
+    let first = sites
+        .next()
+        .unwrap_or_else(|| panic!("no {name} in\n{report}"));
+    first.chosen()
+}
+
+#[test]
+fn full_paths_and_unique_suffixes_name_one_site() {
+    // The sites exist where they are called; their results are those of the defaults until the
+    // first apply.
+    let x = black_box(10);
+    assert_eq!(
+        (ring::add(x), tree::add(x), deep::ring::add(x)),
+        (10, 10, 10)
+    );
+
+    for (value, site, candidate) in [
+        ("tree::add=popcnt", TREE, "popcnt"),
+        ("site_name_suffixes::tree::add=default", TREE, "default"),
+        // A full name, though it is also a suffix of a longer one.
+        ("site_name_suffixes::ring::add=default", RING, "default"),
+        ("deep::ring::add=default", DEEP, "default"),
+        // Of two choices for one site, however spelled, the last wins.
+        (
+            "tree::add=popcnt,site_name_suffixes::tree::add=bmi2",
+            TREE,
+            "bmi2",
+        ),
+    ] {
+        let report = apply(value);
+        assert!(report.error.is_none(), "{value}: {report}");
+        assert_eq!(chosen(&report, site), candidate, "{value}: {report}");
+    }
+    let report = apply("tree::add=popcnt");
+    assert_eq!(
+        chosen(&report, RING),
+        "bmi2",
+        "the other sites keep their selection"
+    );
+    assert_eq!(
+        tree::add(black_box(10)),
+        13,
+        "tree::add runs popcnt's `lea`"
+    );
+}
+
+#[test]
+fn an_ambiguous_suffix_lists_its_matches() {
+    for (value, matches) in [
+        ("add=bmi2", vec![DEEP, RING, TREE]),
+        ("ring::add=bmi2", vec![DEEP, RING]),
+    ] {
+        let report = apply(value);
+        let Some(OverrideError::AmbiguousSite {
+            site,
+            matches: found,
+        }) = &report.error
+        else {
+            panic!("{value}: {report}")
+        };
+        assert_eq!(site, value.split('=').next().unwrap());
+        assert_eq!(found, &matches);
+        let message = report.error.as_ref().unwrap().to_string();
+        let want = format!(
+            "ALTPATCH: site {site:?} is ambiguous: it ends {} site names ({}); write more of the path",
+            matches.len(),
+            matches.join(", ")
+        );
+        assert_eq!(message, want);
+        assert!(report.sites.iter().all(|s| !s.written()), "{report}");
+    }
+    // A suffix starts after a `::`.
+    let report = apply("ng::add=bmi2");
+    assert!(
+        matches!(&report.error, Some(OverrideError::UnknownSite { site, .. }) if site == "ng::add"),
+        "{report}"
+    );
+}
