@@ -9,6 +9,9 @@ use std::os::unix::fs::FileExt;
 use altpatch::{Feature, How, Patcher};
 use common::*;
 
+// Two functions, each holding a copy of the `mix` site. Their bodies differ (`black_box(0)`
+// is opaque to the optimizer), so a release build cannot merge them into one function with one
+// site (rustc merges identical functions by default).
 #[inline(never)]
 fn call_a(x: u64) -> u64 {
     mix(x)
@@ -16,7 +19,7 @@ fn call_a(x: u64) -> u64 {
 
 #[inline(never)]
 fn call_b(x: u64) -> u64 {
-    mix(x)
+    mix(x) + black_box(0)
 }
 
 /// What the altered copy of the site calls instead: not one of its candidates.
@@ -40,7 +43,12 @@ fn altered_site_is_refused_and_the_others_are_patched() {
     let _lock = patch_lock();
     let altered = copy_in(call_a);
     let intact = copy_in(call_b);
-    assert_ne!(altered, intact);
+    assert_ne!(
+        call_a as *const () as usize,
+        call_b as *const () as usize,
+        "the fixtures were merged into one function"
+    );
+    assert_ne!(altered, intact, "the two functions share one site copy");
 
     // Somebody else (a debugger, another patcher) rewrote copy A to call `intruder`.
     let rel = (intruder as *const () as usize as i64 - (altered as i64 + 5)) as i32;

@@ -133,8 +133,13 @@ fn the_three_op_sites_share_one_candidate_table() {
     for d in &descriptors {
         assert_eq!(table(d), first, "{}:{}", d.file, d.line);
     }
-    // lock_spinning, unlock_kick and the unlock are all in this binary.
-    let lines: std::collections::BTreeSet<u32> = descriptors.iter().map(|d| d.line).collect();
+    // The ticket lock's lock_spinning, unlock_kick and unlock are all in this binary (the
+    // hybrid lock's sites, in `pvlock.rs`, may be too where the build keeps them).
+    let lines: std::collections::BTreeSet<u32> = descriptors
+        .iter()
+        .filter(|d| d.file.ends_with("/pv.rs"))
+        .map(|d| d.line)
+        .collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
 }
 
