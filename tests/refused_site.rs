@@ -44,8 +44,7 @@ fn altered_site_is_refused_and_the_others_are_patched() {
     let altered = copy_in(call_a);
     let intact = copy_in(call_b);
     assert_ne!(
-        call_a as *const () as usize,
-        call_b as *const () as usize,
+        call_a as *const () as usize, call_b as *const () as usize,
         "the fixtures were merged into one function"
     );
     assert_ne!(altered, intact, "the two functions share one site copy");

@@ -114,7 +114,11 @@ fn assert_holds(site: &SiteReport, candidate: &str) -> How {
             How::Inline
         }
         None => {
-            assert_eq!(instrs[0].mnemonic(), Mnemonic::Jmp, "{candidate}: {instrs:?}");
+            assert_eq!(
+                instrs[0].mnemonic(),
+                Mnemonic::Jmp,
+                "{candidate}: {instrs:?}"
+            );
             assert_eq!(instrs[0].near_branch_target(), target, "{candidate}");
             How::Jmp
         }

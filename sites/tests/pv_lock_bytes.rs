@@ -55,7 +55,10 @@ fn check_variant(variant: PvLock) {
     let mut seen = Vec::new();
     // The ticket lock's own sites: the hybrid lock's share the name and live in `pvlock.rs`
     // (linked in too where the build keeps them, as release builds do).
-    for site in report.site(pv::SITE).filter(|s| s.file().ends_with("/pv.rs")) {
+    for site in report
+        .site(pv::SITE)
+        .filter(|s| s.file().ends_with("/pv.rs"))
+    {
         let op = op_of(site);
         seen.push(op);
         match (variant, op) {
