@@ -214,8 +214,9 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// when it has `#[target_feature]`, which also compiles the default's body (its callers need
 /// the features, as without the macro).
 ///
-/// Generic functions, methods of generic impls, `async fn`, unsupported signatures and methods
-/// outside an `#[alternative_impl]` block are compile errors that say what to do instead.
+/// Generic functions, methods of generic impls, `async fn`, `const fn`, unsupported signatures
+/// and methods outside an `#[alternative_impl]` block are compile errors that say what to do
+/// instead.
 pub use patch_macros::alternative;
 
 /// Placed on an impl block, expands the [`#[alternative]`](macro@alternative) methods in it:

@@ -377,6 +377,13 @@ impl<'a> Ctx<'a> {
                  write a non-generic wrapper and put #[alternative] on it",
             ));
         }
+        if let Some(c) = &sig.constness {
+            return Err(Error::new(
+                c.span(),
+                "#[alternative] cannot patch a `const fn`: its site is chosen at run time; \
+                 keep the `const fn` and patch a non-const function that calls it",
+            ));
+        }
         if let Some(a) = &sig.asyncness {
             return Err(Error::new(
                 a.span(),
