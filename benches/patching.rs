@@ -114,7 +114,7 @@ fn bench_keys(c: &mut Criterion) {
         g.bench_function(format!("toggle_key_{n}_sites_threads_running"), |b| {
             b.iter(|| {
                 on = !on;
-                key.set(on)
+                key.set(on).expect("the key toggles")
             })
         });
     }

@@ -58,7 +58,7 @@ fn main() {
         }
         for phase in 0..4 {
             let on = phase % 2 == 1;
-            let update = TRACE.set(on);
+            let update = TRACE.set(on).expect("the trace key toggles");
             let before = TRACED.load(Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(100));
             let traced = TRACED.load(Ordering::Relaxed) - before;

@@ -49,7 +49,8 @@
 //! * [`alternative_asm!`]: multi-way inline assembly (the kernel's `ALTERNATIVE_2/_3`).
 //! * [`static_branch_unlikely!`] / [`static_branch_likely!`] with a [`StaticKey`]: jump labels,
 //!   a 5-byte NOP or a `jmp`, flipped at run time with `enable()`/`disable()`, safely while
-//!   other threads run the branches.
+//!   other threads run the branches. A toggle changes all of a key's sites or none: it returns
+//!   a `Result`, and a refused one leaves the key and its branches as they were.
 //!
 //! ## Overrides: `ALTPATCH`
 //!
@@ -100,7 +101,9 @@ pub use patch_core::write::{FallbackWriter, TextWriter};
 pub mod writers {
     pub use patch_core::os::linux::{MprotectWriter, ProcMemWriter};
 }
-pub use patch_core::{Feature, FeatureSet, How, KeyUpdate, Patcher, Report, SiteReport, StaticKey};
+pub use patch_core::{
+    Feature, FeatureSet, How, KeyError, KeyUpdate, Patcher, Report, SiteReport, StaticKey,
+};
 pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 
 /// Makes a function patchable: its body is the portable default, the listed candidates are
@@ -331,9 +334,11 @@ pub mod __private {
 ///
 /// altpatch::apply_patches();
 /// assert_eq!(work(2), 4);
-/// TRACE.enable(); // rewrites the branch into a `jmp`, safely while other threads run it
+/// // Rewrites the branch into a `jmp`, safely while other threads run it; all of the key's
+/// // sites or none (`Err`: the key keeps its state and says why).
+/// TRACE.enable().expect("toggled");
 /// assert!(altpatch::static_branch_unlikely!(TRACE));
-/// TRACE.disable();
+/// TRACE.disable().expect("toggled");
 /// ```
 ///
 /// Before patching (and wherever patching is impossible) the site jumps to an out-of-line check

@@ -53,13 +53,13 @@ fn back_to_back_toggles_of_one_site_while_threads_run_it() {
         }
         let end = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < end {
-            let update = KEY.set(toggles.is_multiple_of(2));
+            let update = KEY.set(toggles.is_multiple_of(2)).expect("the key toggles");
             assert_eq!(update.unpatched, None, "{update:?}");
             toggles += 1;
         }
         stop.store(true, Ordering::Relaxed);
     });
-    KEY.disable();
+    KEY.disable().expect("the key toggles");
     assert_eq!(branch(black_box(1)), 1);
     assert!(toggles > 0 && calls.load(Ordering::Relaxed) > 0);
     println!(

@@ -116,7 +116,7 @@ fn entries_match_bytes_through_forced_variants_off_and_threads() {
         // The key's own write, then an apply with a configuration error: nothing is written and
         // each entry says what its site holds.
         apply("crc_step=sse4_2,mix=bmi2");
-        assert!(TRACE.enable().written > 0);
+        assert!(TRACE.enable().expect("the key toggles").written > 0);
         let error = apply("mix=natve");
         assert!(error.error.is_some() && error.sites.iter().all(|s| !s.written()));
         all_are(&error, "crc_step", "sse4_2", How::Inline);

@@ -54,6 +54,6 @@ fn the_error_names_the_static_branches() {
     );
     assert_eq!(e.to_string(), want);
     assert!(!verbose(), "the branch still follows its key");
-    VERBOSE.enable();
+    VERBOSE.enable().expect("the key toggles");
     assert!(verbose());
 }

@@ -40,9 +40,9 @@ fn branches_follow_their_keys_and_become_a_nop_or_a_jmp() {
     let _lock = patch_lock();
     // Before apply: the out-of-line check gives the right answer.
     assert_eq!(traced(black_box(1)), 1);
-    TRACE.enable();
+    TRACE.enable().unwrap();
     assert_eq!(traced(black_box(1)), 1001);
-    TRACE.disable();
+    TRACE.disable().unwrap();
 
     let report = Patcher::new().apply();
     let sites = branch_sites(&report, "TRACE");
@@ -57,7 +57,7 @@ fn branches_follow_their_keys_and_become_a_nop_or_a_jmp() {
     assert_eq!((instrs[0].mnemonic(), instrs[0].len()), (Mnemonic::Nop, 5));
     assert_eq!(traced(black_box(1)), 1);
 
-    let update = TRACE.enable();
+    let update = TRACE.enable().unwrap();
     assert_eq!(
         (update.sites, update.written, update.unpatched),
         (1, 1, None)
@@ -66,17 +66,17 @@ fn branches_follow_their_keys_and_become_a_nop_or_a_jmp() {
     assert_eq!(instrs[0].mnemonic(), Mnemonic::Jmp, "{instrs:?}");
     assert!(rest_is_filler(&instrs, 1));
     assert_eq!(traced(black_box(1)), 1001);
-    TRACE.disable();
+    TRACE.disable().unwrap();
     assert_eq!(traced(black_box(1)), 1);
 
     // Likely: enabled falls through a NOP, disabled jumps.
     let fast_site = &branch_sites(&report, "FAST")[0];
     assert_eq!(decode_site(fast_site)[0].mnemonic(), Mnemonic::Nop);
     assert_eq!(fast(black_box(5)), 10);
-    FAST.disable();
+    FAST.disable().unwrap();
     assert_eq!(decode_site(fast_site)[0].mnemonic(), Mnemonic::Jmp);
     assert_eq!(fast(black_box(5)), 15);
-    FAST.enable();
+    FAST.enable().unwrap();
     assert_eq!(fast(black_box(5)), 10);
 }
 
@@ -116,12 +116,12 @@ fn toggling_ten_thousand_times_while_two_threads_run_the_branches() {
         }
         for i in 0..toggles {
             seq.fetch_add(1, Ordering::AcqRel);
-            let update = TRACE.set(i % 2 == 0);
+            let update = TRACE.set(i % 2 == 0).expect("the key toggles");
             seq.fetch_add(1, Ordering::AcqRel);
             assert_eq!(update.written, update.sites, "{update:?}");
         }
         seq.fetch_add(1, Ordering::AcqRel);
-        TRACE.disable();
+        TRACE.disable().unwrap();
         seq.fetch_add(1, Ordering::AcqRel);
         stop.store(true, Ordering::Relaxed);
     });

@@ -91,9 +91,9 @@ fn every_kind_of_site_stays_right_under_reselection_and_toggling() {
                 report.sites.iter().all(|s| !s.why().starts_with("refused")),
                 "{report}"
             );
-            FLAG.set(round % 2 == 0);
+            FLAG.set(round % 2 == 0).expect("the key toggles");
         }
-        FLAG.disable();
+        FLAG.disable().expect("the key toggles");
         stop.store(true, Ordering::Relaxed);
     });
     eprintln!(

@@ -5,58 +5,21 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use altpatch::{Feature, How, Patcher};
 use common::*;
-use seccompiler::{
-    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-};
 
 const DENY_WX: &str = "wx";
 const DENY_WX_AND_WRITABLE_OPEN: &str = "wx+open";
 
-fn masked_eq(arg: u8, mask: u64, value: u64) -> SeccompRule {
-    let cond = SeccompCondition::new(
-        arg,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(mask),
-        value,
-    )
-    .unwrap();
-    SeccompRule::new(vec![cond]).unwrap()
-}
-
 /// Installs the filter on the calling thread (the one that then patches).
 fn deny(policy: &str) {
-    let wx = (libc::PROT_WRITE | libc::PROT_EXEC) as u64;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    rules.insert(libc::SYS_mprotect, vec![masked_eq(2, wx, wx)]);
+    let mut rules = vec![seccomp::wx_mprotect()];
     if policy == DENY_WX_AND_WRITABLE_OPEN {
-        let acc = libc::O_ACCMODE as u64;
-        let writable = vec![
-            masked_eq(2, acc, libc::O_WRONLY as u64),
-            masked_eq(2, acc, libc::O_RDWR as u64),
-        ];
-        rules.insert(libc::SYS_openat, writable.clone());
-        rules.insert(
-            libc::SYS_open,
-            vec![
-                masked_eq(1, acc, libc::O_WRONLY as u64),
-                masked_eq(1, acc, libc::O_RDWR as u64),
-            ],
-        );
+        rules.extend(seccomp::writable_opens());
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        std::env::consts::ARCH.try_into().unwrap(),
-    )
-    .unwrap();
-    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
-    seccompiler::apply_filter(&program).unwrap();
+    seccomp::refuse(rules, libc::EACCES);
 }
 
 #[test]
@@ -67,23 +30,7 @@ fn child_entry() {
     };
     deny(&policy);
     // The policy holds: making a page writable and executable is refused.
-    // SAFETY: maps a fresh anonymous page and changes only its protection; nothing refers to it.
-    let wx_allowed = unsafe {
-        let page = libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        assert_ne!(page, libc::MAP_FAILED);
-        libc::mprotect(
-            page,
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-        ) == 0
-    };
+    let wx_allowed = !seccomp::wx_refused();
     println!("WX_MPROTECT_ALLOWED={wx_allowed}");
     let report = Patcher::new().cpu(cpu_with(&[Feature::Avx2])).apply();
     for site in report.site("mix") {

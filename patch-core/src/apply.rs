@@ -3,16 +3,18 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{LazyLock, Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Instant;
 
 use crate::cpu::Cpu;
+use crate::lock::{ForkSafeMutex, Reentered};
 use crate::overrides::{OverrideError, Overrides};
 use crate::plan::{self, Block};
 use crate::record::{self, SiteDescriptor, SiteRecord};
 use crate::report::{How, Report, SiteReport};
 use crate::select::{self, Reason, Selection};
-use crate::static_key::{KeyUpdate, StaticKey};
+use crate::static_key::{KeyError, KeyUpdate, StaticKey};
 use crate::write::{SiteBytes, SiteWrite, TextWriter};
 
 /// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs; unset, empty, `0`,
@@ -28,13 +30,82 @@ fn log_wanted(value: Option<&std::ffi::OsStr>) -> bool {
     !off.iter().any(|word| value.eq_ignore_ascii_case(word))
 }
 
-/// One patcher at a time: `apply`, re-selection and (later) static keys all write under it.
-static PATCHER: Mutex<()> = Mutex::new(());
+/// One patcher at a time: applies and static-key toggles all write under it, and everything they
+/// keep between calls lives in it (see `lock.rs`: fork-safe, refuses re-entry).
+pub(crate) static PATCHER: ForkSafeMutex<PatcherState> = ForkSafeMutex::new(PatcherState::new());
 
-fn lock() -> MutexGuard<'static, ()> {
-    // A panic while holding the lock cannot leave text half-written (writes finish before any
-    // code that can panic), so a poisoned lock is still usable.
-    PATCHER.lock().unwrap_or_else(|e| e.into_inner())
+/// What the patcher keeps between calls; reached only under [`PATCHER`], so a `fork` never
+/// copies any of it half-made.
+pub(crate) struct PatcherState {
+    /// Interned reasons (see [`intern`]).
+    reasons: Option<HashSet<&'static str>>,
+    /// `ALTPATCH` as the first of `apply_patches()` and the first key toggle read it: the
+    /// process's configuration, which both keep.
+    startup: Option<Result<Overrides, OverrideError>>,
+    /// Why static keys' sites read their flag in this process (`None`: they are patched): what
+    /// the startup apply decided, or will decide from the same `ALTPATCH`.
+    keys_unpatched: Option<Option<String>>,
+    /// Branch sites grouped by key (the program's records do not change).
+    key_sites: Option<KeySites>,
+    /// The mappings read by the first toggle: the program's text does not move, and a sandbox
+    /// entered later may refuse reading `/proc/self/maps`.
+    memory: Option<crate::os::MemoryMap>,
+}
+
+impl PatcherState {
+    const fn new() -> Self {
+        PatcherState {
+            reasons: None,
+            startup: None,
+            keys_unpatched: None,
+            key_sites: None,
+            memory: None,
+        }
+    }
+
+    /// The startup configuration, made from `env` (read before taking the lock: reading the
+    /// environment takes std's environment lock, which a thread calling `fork` may hold while
+    /// it waits for this one) if this is the first call.
+    fn startup(
+        &mut self,
+        env: Option<Result<Overrides, OverrideError>>,
+    ) -> &Result<Overrides, OverrideError> {
+        let startup = self
+            .startup
+            .get_or_insert_with(|| env.unwrap_or_else(Overrides::from_env));
+        STARTUP_READ.store(true, SeqCst);
+        startup
+    }
+
+    /// Why key sites read their flag, decided once: from the startup apply's report, or before
+    /// it, as that apply will decide from the same `ALTPATCH`.
+    fn keys_unpatched(&mut self, env: Option<Result<Overrides, OverrideError>>) -> Option<String> {
+        if self.keys_unpatched.is_none() {
+            let decided = match APPLIED.get() {
+                Some(report) => report.disabled.clone(),
+                None => {
+                    let overrides = self.startup(env).clone();
+                    // The CPU matters only to resolve choices.
+                    let detected = match &overrides {
+                        Ok(o) if !o.choices.is_empty() => Cpu::detect(),
+                        _ => Cpu::synthetic(Default::default(), None),
+                    };
+                    let (overrides, _, error) = resolve(overrides, detected, record::records());
+                    disabled_reason(&overrides, error.as_ref())
+                }
+            };
+            self.keys_unpatched = Some(decided);
+        }
+        self.keys_unpatched.clone().flatten()
+    }
+}
+
+/// Whether [`PatcherState::startup`] is made: later callers need not read `ALTPATCH`.
+static STARTUP_READ: AtomicBool = AtomicBool::new(false);
+
+/// `ALTPATCH`, read now unless the startup configuration is already made.
+fn env_unless_known() -> Option<Result<Overrides, OverrideError>> {
+    (!STARTUP_READ.load(SeqCst)).then(Overrides::from_env)
 }
 
 static APPLIED: OnceLock<Report> = OnceLock::new();
@@ -43,19 +114,43 @@ static APPLIED: OnceLock<Report> = OnceLock::new();
 ///
 /// Concurrent callers wait for the first. Configuration comes from `ALTPATCH`; a malformed value
 /// patches nothing and is reported: printed to stderr once, here, and in the report (see
-/// [`try_apply_patches`] to get it as an error).
+/// [`try_apply_patches`] to get it as an error). `ALTPATCH` is read once per process, by this or
+/// by the first static-key toggle, whichever comes first; static keys follow what this apply
+/// decided (patch or not), whatever `ALTPATCH` says later.
 pub fn apply_patches() -> &'static Report {
-    APPLIED.get_or_init(|| {
-        let report = Patcher::from_env().apply();
-        if log_wanted(std::env::var_os(LOG_ENV_VAR).as_deref()) {
-            eprint!("{report}");
-        } else if let Some(error) = &report.error {
-            // Nobody sets `ALTPATCH` by accident: a mistake in it is said even without the log
-            // (as `env_logger` does with a bad filter).
-            eprintln!("{error}; nothing patched");
+    if let Some(report) = APPLIED.get() {
+        return report;
+    }
+    let env = env_unless_known();
+    let report = {
+        let Ok(mut state) = PATCHER.lock() else {
+            return Box::leak(Box::new(Report::reentered()));
+        };
+        if let Some(report) = APPLIED.get() {
+            return report;
         }
-        report
-    })
+        let patcher = Patcher {
+            overrides: state.startup(env).clone(),
+            ..Patcher::default()
+        };
+        let report = patcher.apply_locked(&mut state);
+        state.keys_unpatched.get_or_insert(report.disabled.clone());
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if report.disabled.is_none() && !key_sites(&mut state.key_sites).is_empty() {
+            // Keys are toggled after startup, maybe inside a sandbox that refuses opening it.
+            crate::os::linux::keep_proc_mem();
+        }
+        // Set under the lock: a `fork` (which waits for it) never copies it half-set.
+        APPLIED.get_or_init(|| report)
+    };
+    if log_wanted(std::env::var_os(LOG_ENV_VAR).as_deref()) {
+        eprint!("{report}");
+    } else if let Some(error) = &report.error {
+        // Nobody sets `ALTPATCH` by accident: a mistake in it is said even without the log
+        // (as `env_logger` does with a bad filter).
+        eprintln!("{error}; nothing patched");
+    }
+    report
 }
 
 /// [`apply_patches`], with a malformed `ALTPATCH` value returned as an error.
@@ -135,27 +230,22 @@ impl Patcher {
     /// re-apply the build-time bytes are put back wherever they may be written (a site holding
     /// several instructions only with no other thread running), the rest reported as they are.
     /// An error in the overrides writes nothing: every site keeps what it runs.
+    ///
+    /// Called on a thread that is already patching (a signal handler that interrupted an apply
+    /// or a key toggle), it examines nothing and returns a report with no sites saying so.
     pub fn apply(self) -> Report {
+        match PATCHER.lock() {
+            Ok(mut state) => self.apply_locked(&mut state),
+            Err(Reentered) => Report::reentered(),
+        }
+    }
+
+    fn apply_locked(self, state: &mut PatcherState) -> Report {
         let start = Instant::now();
-        let _guard = lock();
         let records = record::records();
         let detected = self.cpu.unwrap_or_else(Cpu::detect);
-        let (overrides, cpu, error) = match self.overrides {
-            Ok(mut o) => {
-                let cpu = detected.without(o.cleared);
-                // Only choices need the program's sites (a walk over every record).
-                let resolved = if o.choices.is_empty() {
-                    Ok(())
-                } else {
-                    o.resolve(descriptors(records), &cpu)
-                };
-                match resolved {
-                    Ok(()) => (o, cpu, None),
-                    Err(e) => (Overrides::default(), detected, Some(e)),
-                }
-            }
-            Err(e) => (Overrides::default(), detected, Some(e)),
-        };
+        let (overrides, cpu, error) = resolve(self.overrides, detected, records);
+        let reasons = state.reasons.get_or_insert_with(HashSet::new);
         let mut writer = self.writer.unwrap_or_else(default_writer);
         let disabled = disabled_reason(&overrides, error.as_ref());
         // What this apply may do: nothing at all (no patching in this build: nothing was ever
@@ -163,7 +253,10 @@ impl Patcher {
         // written), put back defaults (`off`), or select and write.
         let (select, write) = match (&error, &disabled) {
             _ if !PATCHING_BUILT => {
-                let why = disabled.clone().map(intern).unwrap_or_default();
+                let why = disabled
+                    .clone()
+                    .map(|d| intern(reasons, d))
+                    .unwrap_or_default();
                 return Report {
                     sites: records
                         .iter()
@@ -203,7 +296,10 @@ impl Patcher {
         // reason is made once per descriptor, and a copy's report entry borrows it (no allocation
         // and no reference count per site).
         let mut selected: AddressMap<Selected> = AddressMap::default();
-        let mut suffixed = Suffixed::default();
+        let mut suffixed = Suffixed {
+            made: HashMap::default(),
+            reasons,
+        };
         let mut scratch = Scratch::default();
         for rec in records {
             if !record::is_understood(rec) {
@@ -226,7 +322,7 @@ impl Patcher {
                 Selected {
                     why: match why_selected(desc, &selection) {
                         Cow::Borrowed(why) => why,
-                        Cow::Owned(why) => intern(why),
+                        Cow::Owned(why) => intern(suffixed.reasons, why),
                     },
                     selection,
                     already_in_place: None,
@@ -332,6 +428,31 @@ fn descriptors(records: &[SiteRecord]) -> Vec<&'static SiteDescriptor> {
         .collect()
 }
 
+/// `overrides` resolved against the program's sites for the `detected` CPU (masked by their
+/// `cpu=`): the overrides to select with, the CPU, and an error that makes the apply write nothing.
+fn resolve(
+    overrides: Result<Overrides, OverrideError>,
+    detected: Cpu,
+    records: &[SiteRecord],
+) -> (Overrides, Cpu, Option<OverrideError>) {
+    match overrides {
+        Ok(mut o) => {
+            let cpu = detected.without(o.cleared);
+            // Only choices need the program's sites (a walk over every record).
+            let resolved = if o.choices.is_empty() {
+                Ok(())
+            } else {
+                o.resolve(descriptors(records), &cpu)
+            };
+            match resolved {
+                Ok(()) => (o, cpu, None),
+                Err(e) => (Overrides::default(), detected, Some(e)),
+            }
+        }
+        Err(e) => (Overrides::default(), detected, Some(e)),
+    }
+}
+
 /// Each site's reason when a configuration error leaves every site as it is.
 const CONFIGURATION_ERROR: &str =
     "configuration error (see above): nothing written, runs what it ran";
@@ -380,27 +501,31 @@ impl Selected {
 /// Reasons with a suffix appended, made once per apply for each distinct reason, not once per
 /// descriptor: every static branch is a descriptor of its own, and a program's thousand branches
 /// share two reasons. A reason is static or interned, so its address and length identify it.
-#[derive(Default)]
-struct Suffixed(HashMap<(usize, usize, usize), &'static str, BuildHasherDefault<AddressHasher>>);
+struct Suffixed<'a> {
+    made: HashMap<(usize, usize, usize), &'static str, BuildHasherDefault<AddressHasher>>,
+    /// The process's interned reasons (in the patcher's state).
+    reasons: &'a mut HashSet<&'static str>,
+}
 
-impl Suffixed {
+impl Suffixed<'_> {
     fn get(&mut self, why: &'static str, suffix: &'static str) -> &'static str {
         let key = (why.as_ptr() as usize, why.len(), suffix.as_ptr() as usize);
-        self.0
-            .entry(key)
-            .or_insert_with(|| intern(format!("{why}{suffix}")))
+        if let Some(&made) = self.made.get(&key) {
+            return made;
+        }
+        let made = intern(self.reasons, format!("{why}{suffix}"));
+        self.made.insert(key, made);
+        made
     }
 }
 
-/// The one copy of `text` kept for the life of the process.
+/// The one copy of `text` kept for the life of the process, in `reasons` (the patcher's state).
 ///
 /// Selection reasons are made from a site's descriptor (its predicates, the key, `ALTPATCH`
 /// choices), so a program has a bounded set of them however often it applies; keeping each once
 /// lets every report entry borrow it instead of allocating (10,000 sites make 10,000 reports).
 /// Reasons that carry per-site data (a refusal's bytes, a write error) are owned by their entry.
-fn intern(text: String) -> &'static str {
-    static REASONS: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
-    let mut reasons = REASONS.lock().unwrap_or_else(|e| e.into_inner());
+fn intern(reasons: &mut HashSet<&'static str>, text: String) -> &'static str {
     if let Some(&known) = reasons.get(text.as_str()) {
         return known;
     }
@@ -630,15 +755,10 @@ fn why_selected(desc: &SiteDescriptor, selection: &Selection) -> Cow<'static, st
     }
 }
 
-/// Rewrites the sites of `key` after `store` sets its flag, under the patcher lock (so concurrent
-/// toggles of one key end in the state of the last).
-pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUpdate {
-    let _guard = lock();
-    store();
-    let mut update = KeyUpdate::default();
-    // The program's records do not change: group the branch sites by key once.
-    static KEY_SITES: OnceLock<AddressMap<Vec<&'static SiteRecord>>> = OnceLock::new();
-    let by_key = KEY_SITES.get_or_init(|| {
+type KeySites = AddressMap<Vec<&'static SiteRecord>>;
+
+fn key_sites(made: &mut Option<KeySites>) -> &KeySites {
+    made.get_or_insert_with(|| {
         let mut by_key: AddressMap<Vec<&'static SiteRecord>> = AddressMap::default();
         for rec in record::records()
             .iter()
@@ -649,55 +769,75 @@ pub(crate) fn update_key(key: &'static StaticKey, store: impl FnOnce()) -> KeyUp
             }
         }
         by_key
-    });
-    let sites: &[&SiteRecord] = by_key.get(&address(key)).map_or(&[], Vec::as_slice);
-    update.sites = sites.len();
-    if let Some(why) = key_patching_disabled() {
-        update.unpatched = Some(why.clone());
-        return update;
+    })
+}
+
+/// Sets `key` to `enabled` and rewrites its sites, all or none, under the patcher lock (so
+/// concurrent toggles of one key end in the state of the last).
+///
+/// Order: plan every site for the new state (a site that cannot be planned refuses the toggle),
+/// write them as one all-or-none batch, and store the flag only then. Until the flag is stored,
+/// sites never patched read the old value and patched sites hold the old NOP/`jmp`, or (during
+/// the batch) the new one: a toggle in progress. A refused toggle therefore leaves everything as
+/// it was: no byte written (or every byte put back) and the old flag.
+pub(crate) fn update_key(key: &'static StaticKey, enabled: bool) -> Result<KeyUpdate, KeyError> {
+    // Nothing before the lock allocates: a signal handler that re-enters gets `Reentered`
+    // without touching the allocator the interrupted `set` may be inside.
+    let env = env_unless_known();
+    let mut state = PATCHER.lock().map_err(|Reentered| KeyError::Reentered)?;
+    let state = &mut *state;
+    let unpatched = state.keys_unpatched(env);
+    let sites: &[&'static SiteRecord] = key_sites(&mut state.key_sites)
+        .get(&address(key))
+        .map_or(&[], |v| v.as_slice());
+    let mut update = KeyUpdate {
+        sites: sites.len(),
+        written: 0,
+        unpatched,
+    };
+    let refused = |why: String| KeyError::NotWritten {
+        sites: sites.len(),
+        why,
+    };
+    // Nothing is ever written here: every site reads the flag.
+    if !PATCHING_BUILT {
+        key.store(enabled);
+        return Ok(update);
     }
-    // The program's text does not move: the map read at the first toggle serves every later one.
-    static MEMORY: OnceLock<crate::os::MemoryMap> = OnceLock::new();
-    let memory = MEMORY.get_or_init(crate::os::memory_map);
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if update.unpatched.is_none() {
+        crate::os::linux::keep_proc_mem();
+    }
+    let memory = state.memory.get_or_insert_with(crate::os::memory_map);
     let mut writes = Vec::with_capacity(sites.len());
     let mut scratch = Scratch::default();
     for rec in sites.iter().copied() {
-        let wanted = |desc: &SiteDescriptor| {
-            let site = desc.key.as_ref().expect("filtered on key sites");
-            Selection {
-                index: site.wanted(),
-                reason: Reason::Key(site.key.is_enabled()),
-            }
+        let index = |desc: &SiteDescriptor| Selection {
+            index: match (&update.unpatched, &desc.key) {
+                (None, Some(site)) => site.wanted_for(enabled),
+                _ => 0,
+            },
+            reason: Reason::Key(enabled),
         };
-        match plan_record(rec, memory, &mut scratch, wanted) {
+        match plan_record(rec, memory, &mut scratch, index) {
+            // Patching off: a site holding its check (in whatever encoding) reads the flag and
+            // is left alone; only one an explicit `Patcher` patched gets its check back.
+            Ok((_, planned, _)) if update.unpatched.is_some() && planned.held == 0 => {}
             Ok((_, _, Some(write))) => writes.push(write),
             Ok(_) => {}
-            Err(why) => update.unpatched = Some(why),
+            Err(why) => return Err(refused(format!("{}: {why}", rec.descriptor().name))),
         }
     }
     if !writes.is_empty() {
         let mut writer = default_writer();
-        let (results, _) = crate::write::write_batch(&writes, writer.as_mut());
-        for result in results {
-            match result {
-                Ok(()) => update.written += 1,
-                Err(e) => update.unpatched = Some(e),
-            }
+        let (results, _) = crate::write::write_batch_all_or_none(&writes, writer.as_mut());
+        if let Some(Err(why)) = results.into_iter().find(Result::is_err) {
+            return Err(refused(why));
         }
+        update.written = writes.len();
     }
-    update
-}
-
-/// Why static-key sites must keep reading their flag (the same rules as `apply_patches`, with
-/// `ALTPATCH` read once).
-fn key_patching_disabled() -> Option<&'static String> {
-    static DISABLED: OnceLock<Option<String>> = OnceLock::new();
-    DISABLED
-        .get_or_init(|| match Overrides::from_env() {
-            Ok(o) => disabled_reason(&o, None),
-            Err(e) => disabled_reason(&Overrides::default(), Some(&e)),
-        })
-        .as_ref()
+    key.store(enabled);
+    Ok(update)
 }
 
 #[cfg(test)]

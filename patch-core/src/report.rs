@@ -253,6 +253,24 @@ pub struct Report {
 }
 
 impl Report {
+    /// The report of an apply called on a thread already patching (a signal handler that
+    /// interrupted an apply or a key toggle): it examined nothing, so it lists no site.
+    pub(crate) fn reentered() -> Report {
+        Report {
+            sites: Vec::new(),
+            cpu: Cpu::synthetic(Default::default(), None),
+            disabled: Some(
+                "apply re-entered on a thread already patching (from a signal handler?); \
+                 nothing examined or written"
+                    .into(),
+            ),
+            error: None,
+            writer: "none",
+            stats: BatchStats::default(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
     /// Sites written or already holding a non-default candidate.
     pub fn patched(&self) -> usize {
         self.sites

@@ -184,10 +184,28 @@ fn page_ranges(sites: &[SiteWrite], page: usize) -> Vec<(Range<usize>, Vec<usize
 /// Writes a batch; returns one result per site (in order) and the batch's statistics.
 ///
 /// The caller holds the patcher lock, so only one batch runs at a time.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub fn write_batch(
     sites: &[SiteWrite],
     writer: &mut dyn TextWriter,
+) -> (Vec<Result<(), String>>, BatchStats) {
+    write_batch_with(sites, writer, false)
+}
+
+/// Writes a batch all or none (a static key's sites): if any site is refused before writing,
+/// none is written; if a write fails half-way, every site written so far is put back. Either all
+/// results are `Ok`, or all are `Err` and the text is as it was.
+pub fn write_batch_all_or_none(
+    sites: &[SiteWrite],
+    writer: &mut dyn TextWriter,
+) -> (Vec<Result<(), String>>, BatchStats) {
+    write_batch_with(sites, writer, true)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn write_batch_with(
+    sites: &[SiteWrite],
+    writer: &mut dyn TextWriter,
+    all_or_none: bool,
 ) -> (Vec<Result<(), String>>, BatchStats) {
     use crate::arch::x86_64::{INT3, serialize_local};
     use crate::os::linux as os;
@@ -234,17 +252,56 @@ pub fn write_batch(
             }
         }
     }
+    if all_or_none && let Some(Err(why)) = results.iter().find(|r| r.is_err()) {
+        let why = why.clone();
+        refuse_all(&mut results, &why);
+    }
     let pending: Vec<usize> = (0..sites.len()).filter(|&i| results[i].is_ok()).collect();
+    // The bytes there now, put back if a write fails half-way.
+    let olds: Vec<SiteBytes> = pending
+        .iter()
+        .map(|&i| {
+            let site = &sites[i];
+            // SAFETY: the caller hands sites in mapped text (apply checks each is executable,
+            // so readable on x86_64), which only this batch writes (patcher lock).
+            SiteBytes::from_slice(unsafe {
+                core::slice::from_raw_parts(site.ip as usize as *const u8, site.new.len())
+            })
+        })
+        .collect();
 
     if !stats.live {
+        let mut failed = None;
         for &i in &pending {
             let site = &sites[i];
             results[i] = writer.write(site.ip as usize, &site.new);
+            if let Err(e) = &results[i] {
+                failed.get_or_insert_with(|| e.clone());
+                if all_or_none {
+                    break;
+                }
+            }
+        }
+        if let (true, Some(why)) = (all_or_none, failed) {
+            // Put back every site written (a failed write may have written part of its site).
+            for (&i, old) in pending.iter().zip(&olds) {
+                results[i] = Err(why.clone());
+                if read_site(&sites[i])[..] != old[..]
+                    && let Err(e) = writer.write(sites[i].ip as usize, old)
+                {
+                    results[i] = Err(format!("{why}; putting back its old bytes failed: {e}"));
+                }
+            }
         }
         serialize_local();
     } else if !pending.is_empty() {
         let _signals = os::SignalsBlocked::block();
-        os::remember_patched(pending.iter().map(|&i| sites[i].ip as usize));
+        let remembered = os::remember_patched(pending.iter().map(|&i| sites[i].ip as usize));
+        if let Err(e) = remembered {
+            pending.iter().for_each(|&i| results[i] = Err(e.clone()));
+            stats.warning = writer.finish().err();
+            return (results, stats);
+        }
         let mut active: Vec<ActiveSite> = pending
             .iter()
             .map(|&i| ActiveSite {
@@ -255,49 +312,70 @@ pub fn write_batch(
             .collect();
         active.sort_by_key(|s| s.addr);
         os::publish(&mut active);
-        // The bytes there now, put back behind the int3 if a site's write fails half-way.
-        let olds: Vec<SiteBytes> = pending
-            .iter()
-            .map(|&i| {
-                let site = &sites[i];
-                // SAFETY: the caller hands sites in mapped text (apply checks each is executable,
-                // so readable on x86_64), which only this batch writes (patcher lock).
-                SiteBytes::from_slice(unsafe {
-                    core::slice::from_raw_parts(site.ip as usize as *const u8, site.new.len())
-                })
-            })
-            .collect();
+        // Other cores must execute a serializing instruction between the steps. A sandbox may
+        // refuse `membarrier` after registration: the steps after a failed one are not made.
         let sync = |stats: &mut BatchStats| {
             stats.serializations += 1;
-            // Registration succeeded, so this only fails on a kernel bug; fall back to the local
-            // serialization and keep the protocol's order.
-            if os::sync_all_cores().is_err() {
-                serialize_local();
-            }
+            os::sync_all_cores()
+                .map_err(|e| format!("cannot serialize the other threads' cores: {e}"))
         };
+        // Why the whole batch is put back, if it is.
+        let mut abort: Option<String> = None;
 
         // Step 1: int3 over byte 0. A failure leaves that site untouched.
         for &i in &pending {
             results[i] = writer.write(sites[i].ip as usize, &[INT3]);
         }
-        sync(&mut stats);
+        let trapped: Vec<bool> = pending.iter().map(|&i| results[i].is_ok()).collect();
+        if all_or_none {
+            abort = pending.iter().find_map(|&i| results[i].clone().err());
+        }
+        if let Err(e) = sync(&mut stats) {
+            abort = Some(e);
+        }
         // Step 2: the rest of each site. On failure, put the old bytes back behind the int3.
-        for (&i, old) in pending.iter().zip(&olds) {
-            let site = &sites[i];
-            if results[i].is_err() || site.new.len() < 2 {
-                continue;
+        let mut rest_written = vec![false; pending.len()];
+        if abort.is_none() {
+            for (k, (&i, old)) in pending.iter().zip(&olds).enumerate() {
+                let site = &sites[i];
+                if results[i].is_err() || site.new.len() < 2 {
+                    continue;
+                }
+                rest_written[k] = true;
+                if let Err(e) = writer.write(site.ip as usize + 1, &site.new[1..]) {
+                    let restored = writer.write(site.ip as usize + 1, &old[1..]);
+                    rest_written[k] = restored.is_err();
+                    results[i] = Err(match restored {
+                        Ok(()) => e,
+                        Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
+                    });
+                    if all_or_none {
+                        abort.get_or_insert_with(|| results[i].clone().unwrap_err());
+                        break;
+                    }
+                }
             }
-            if let Err(e) = writer.write(site.ip as usize + 1, &site.new[1..]) {
-                let restored = writer.write(site.ip as usize + 1, &old[1..]);
-                results[i] = Err(match restored {
-                    Ok(()) => e,
-                    Err(e2) => format!("{e}; restoring the old bytes also failed: {e2}"),
-                });
+            if let Err(e) = sync(&mut stats) {
+                abort = Some(e);
             }
         }
-        sync(&mut stats);
-        // Step 3: the new first byte (or the old one where step 2 failed).
-        for (&i, old) in pending.iter().zip(&olds) {
+        // Putting the whole batch back: each site's old bytes behind its int3 (every core has
+        // seen the int3, so no thread decodes these bytes until byte 0 is back).
+        if let Some(why) = &abort {
+            for (k, (&i, old)) in pending.iter().zip(&olds).enumerate() {
+                results[i] = Err(why.clone());
+                if rest_written[k]
+                    && let Err(e) = writer.write(sites[i].ip as usize + 1, &old[1..])
+                {
+                    results[i] = Err(format!("{why}; putting back its old bytes failed: {e}"));
+                }
+            }
+        }
+        // Step 3: the new first byte (or the old one where the site, or the batch, is put back).
+        for (k, (&i, old)) in pending.iter().zip(&olds).enumerate() {
+            if !trapped[k] {
+                continue;
+            }
             let site = &sites[i];
             let first = if results[i].is_ok() {
                 site.new[0]
@@ -308,18 +386,113 @@ pub fn write_batch(
                 results[i] = Err(e);
             }
         }
-        sync(&mut stats);
+        // Every site now holds whole instructions; a core still seeing an int3 traps and the
+        // handler runs the site again, so a refused serialization here changes nothing.
+        if sync(&mut stats).is_err() {
+            serialize_local();
+        }
         os::withdraw();
+        // A last byte that could not be written (left an int3 over new bytes): all or none puts
+        // every site of the batch back, in a round of its own.
+        if all_or_none
+            && abort.is_none()
+            && let Some(why) = pending.iter().find_map(|&i| results[i].clone().err())
+        {
+            let back: Vec<(usize, &[u8])> = pending
+                .iter()
+                .zip(&olds)
+                .map(|(&i, old)| (sites[i].ip as usize, &old[..]))
+                .collect();
+            let put_back = put_back_live(&back, writer, &mut stats);
+            for (&i, r) in pending.iter().zip(put_back) {
+                results[i] = Err(match r {
+                    Ok(()) => why.clone(),
+                    Err(e) => format!("{why}; putting back its old bytes failed: {e}"),
+                });
+            }
+        }
     }
     stats.warning = writer.finish().err();
     (results, stats)
 }
 
+/// Writes `old` bytes back at each site with the int3 protocol, while threads may run the sites:
+/// each is published as several instructions, so a thread arriving at its int3 waits for the
+/// site's first byte and runs it whole.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn put_back_live(
+    back: &[(usize, &[u8])],
+    writer: &mut dyn TextWriter,
+    stats: &mut BatchStats,
+) -> Vec<Result<(), String>> {
+    use crate::arch::x86_64::{INT3, serialize_local};
+    use crate::os::linux as os;
+
+    let mut active: Vec<ActiveSite> = back
+        .iter()
+        .map(|&(addr, old)| ActiveSite {
+            addr,
+            len: old.len(),
+            shape: Shape::Inline { len: old.len() },
+        })
+        .collect();
+    active.sort_by_key(|s| s.addr);
+    os::publish(&mut active);
+    let sync = |stats: &mut BatchStats| {
+        stats.serializations += 1;
+        if os::sync_all_cores().is_err() {
+            serialize_local();
+        }
+    };
+    let mut results: Vec<Result<(), String>> = back
+        .iter()
+        .map(|&(addr, _)| writer.write(addr, &[INT3]))
+        .collect();
+    sync(stats);
+    for (r, &(addr, old)) in results.iter_mut().zip(back) {
+        if r.is_ok() && old.len() > 1 {
+            *r = writer.write(addr + 1, &old[1..]);
+        }
+    }
+    sync(stats);
+    // A site whose old bytes could not be put back keeps its int3 (a trap, not a torn
+    // instruction).
+    for (r, &(addr, old)) in results.iter_mut().zip(back) {
+        if r.is_ok() {
+            *r = writer.write(addr, &old[..1]);
+        }
+    }
+    sync(stats);
+    os::withdraw();
+    results
+}
+
+/// Marks every site of the batch refused because of `why` (all or none).
+fn refuse_all(results: &mut [Result<(), String>], why: &str) {
+    for r in results.iter_mut() {
+        if r.is_ok() {
+            *r = Err(format!(
+                "not written: another site of this all-or-none batch cannot be: {why}"
+            ));
+        }
+    }
+}
+
+/// The bytes at a site now.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn read_site(site: &SiteWrite) -> SiteBytes {
+    // SAFETY: as for the old bytes in `write_batch_with`: mapped text only this batch writes.
+    SiteBytes::from_slice(unsafe {
+        core::slice::from_raw_parts(site.ip as usize as *const u8, site.new.len())
+    })
+}
+
 /// Off x86_64 Linux nothing is ever written; apply reports the platform before calling this.
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-pub fn write_batch(
+fn write_batch_with(
     sites: &[SiteWrite],
     _writer: &mut dyn TextWriter,
+    _all_or_none: bool,
 ) -> (Vec<Result<(), String>>, BatchStats) {
     let why = "patching is implemented for x86_64 Linux only".to_string();
     (vec![Err(why); sites.len()], BatchStats::default())

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod fork;
+pub mod seccomp;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -146,18 +147,7 @@ pub fn weigh(xs: &[u32], scale: &u64, out: &mut u64) -> u64 {
 /// stdout and stderr, after checking it succeeded. For what must happen once per process
 /// (reading `ALTPATCH`) or cannot be undone (a seccomp filter).
 pub fn run_child_entry(env: &[(&str, &str)]) -> (String, String) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_entry",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("ALTPATCH_LOG")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+    let out = child_entry_command(env).output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -167,6 +157,22 @@ pub fn run_child_entry(env: &[(&str, &str)]) -> (String, String) {
         "child with {env:?} failed:\n{stdout}\n{stderr}"
     );
     (stdout, stderr)
+}
+
+/// This test binary, running only its ignored test `child_entry`, with `env`.
+fn child_entry_command(env: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "child_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("ALTPATCH_LOG")
+        .envs(env.iter().copied());
+    command
 }
 
 /// A writer that refuses every page with `reason`, as a W^X policy would.
@@ -296,4 +302,46 @@ pub fn assert_report_matches_bytes(report: &altpatch::Report) {
     for site in report.sites.iter().filter(|s| s.kind().is_some()) {
         assert_entry_matches_bytes(site);
     }
+}
+
+/// [`run_child_entry`] with a time bound: a child still running after `limit` (hung) is killed
+/// and the test fails, as it does when the child crashes or fails.
+pub fn run_child_entry_within(env: &[(&str, &str)], limit: std::time::Duration) -> String {
+    use std::io::Read;
+    let mut child = child_entry_command(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drained while the child runs, so a full pipe never stalls it.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let end = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    match status {
+        Some(status) => assert!(
+            status.success(),
+            "child with {env:?} failed ({status}):\n{stdout}\n{stderr}"
+        ),
+        None => panic!("child with {env:?} hung (killed after {limit:?}):\n{stdout}\n{stderr}"),
+    }
+    stdout
 }

@@ -3,12 +3,15 @@
 
 use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::ops::Range;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering::SeqCst};
 
 use crate::arch::x86_64::{self as arch, Resume};
+use crate::lock::ForkSafeMutex;
 use crate::write::{ActiveSite, TextWriter};
 
 /// Writes through `mprotect`: each page range is made read-write-execute for the batch (execute is
@@ -67,10 +70,18 @@ impl TextWriter for MprotectWriter {
 }
 
 /// Writes through `/proc/self/mem`, which the kernel lets a process use on its own read-only text
-/// (as a debugger would), with no writable window on the pages at all.
+/// (as a debugger would), with no writable window on the pages at all. Uses the descriptor kept
+/// by [`keep_proc_mem`] when there is one for this process, else opens one for the batch.
 #[derive(Default)]
 pub struct ProcMemWriter {
-    file: Option<File>,
+    file: Option<ProcMem>,
+}
+
+enum ProcMem {
+    /// Opened for this batch, closed at its end.
+    Own(File),
+    /// The kept descriptor, never closed here.
+    Kept(ManuallyDrop<File>),
 }
 
 impl TextWriter for ProcMemWriter {
@@ -80,17 +91,19 @@ impl TextWriter for ProcMemWriter {
 
     fn prepare(&mut self, _pages: Range<usize>) -> Result<(), String> {
         if self.file.is_none() {
-            let file = File::options()
-                .write(true)
-                .open("/proc/self/mem")
-                .map_err(|e| format!("cannot open /proc/self/mem for writing: {e}"))?;
-            self.file = Some(file);
+            self.file = Some(match kept_proc_mem() {
+                Some(kept) => ProcMem::Kept(kept),
+                None => ProcMem::Own(open_proc_mem()?),
+            });
         }
         Ok(())
     }
 
     fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), String> {
-        let file = self.file.as_ref().ok_or("/proc/self/mem is not open")?;
+        let file: &File = match self.file.as_ref().ok_or("/proc/self/mem is not open")? {
+            ProcMem::Own(file) => file,
+            ProcMem::Kept(file) => file,
+        };
         match file.write_at(bytes, addr as u64) {
             Ok(n) if n == bytes.len() => Ok(()),
             Ok(n) => Err(format!(
@@ -105,6 +118,59 @@ impl TextWriter for ProcMemWriter {
         self.file = None;
         Ok(())
     }
+}
+
+fn open_proc_mem() -> Result<File, String> {
+    // std opens with O_CLOEXEC: a program this one executes never inherits it.
+    File::options()
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|e| format!("cannot open /proc/self/mem for writing: {e}"))
+}
+
+/// The kept `/proc/self/mem` descriptor and the process that opened it. Read and written only
+/// under the patcher lock.
+static KEPT_FD: AtomicI32 = AtomicI32::new(-1);
+static KEPT_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Opens `/proc/self/mem` for writing and keeps it for the life of the process (the caller holds
+/// the patcher lock), so text stays writable after a sandbox that refuses `mprotect(W|X)` and
+/// opening the file is entered. Best effort: where the open is refused already, nothing is kept.
+///
+/// The trade-off: a writable descriptor to the process's own memory stays open. Code that can
+/// already make system calls in the process could open it itself unless a sandbox forbids it;
+/// keeping it means a sandbox entered later no longer takes that ability from such code. It is
+/// kept only by programs with static keys (apply keeps it when there are key sites, a toggle at
+/// its first call), with `O_CLOEXEC`. A descriptor of `/proc/self/mem` names the memory of the
+/// process that opened it: a forked child does not use its parent's, it opens its own.
+pub fn keep_proc_mem() {
+    // SAFETY: getpid takes no arguments and cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    if KEPT_PID.load(SeqCst) == pid && KEPT_FD.load(SeqCst) >= 0 {
+        return;
+    }
+    let inherited = KEPT_FD.swap(-1, SeqCst);
+    if inherited >= 0 {
+        // SAFETY: the parent's descriptor, copied into this child by fork and owned by nothing
+        // else here; closing it leaves the parent's copy open.
+        drop(unsafe { File::from_raw_fd(inherited) });
+    }
+    if let Ok(file) = open_proc_mem() {
+        KEPT_PID.store(pid, SeqCst);
+        KEPT_FD.store(file.into_raw_fd(), SeqCst);
+    }
+}
+
+/// The kept descriptor, if this process opened one, as a `File` that must not be dropped.
+fn kept_proc_mem() -> Option<ManuallyDrop<File>> {
+    let fd = KEPT_FD.load(SeqCst);
+    // SAFETY: getpid takes no arguments and cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    // SAFETY: a kept descriptor stays open for the process's life (only a forked child's
+    // `keep_proc_mem` closes its inherited copy, under the patcher lock a writer runs under too);
+    // `ManuallyDrop` keeps this `File` from closing it.
+    (fd >= 0 && KEPT_PID.load(SeqCst) == pid)
+        .then(|| ManuallyDrop::new(unsafe { File::from_raw_fd(fd) }))
 }
 
 /// Faults in the pages wholly inside `buffer`'s spare capacity with one `madvise`, instead of one
@@ -231,11 +297,14 @@ struct PatchedChunk {
 }
 
 /// Serializes handler installation and `PATCHED` appends (the patcher holds its own lock too).
-static INSTALL: Mutex<()> = Mutex::new(());
+/// Fork-safe, like the patcher lock (`lock.rs`).
+pub(crate) static INSTALL: ForkSafeMutex<()> = ForkSafeMutex::new(());
 
 /// Installs the SIGTRAP handler (once), chaining to whatever handler was there before.
 pub fn install_trap_handler() -> Result<(), String> {
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = INSTALL
+        .lock()
+        .map_err(|_| "the SIGTRAP handler is being installed by this thread (re-entered)")?;
     if PREVIOUS.get().is_some() {
         return Ok(());
     }
@@ -259,11 +328,15 @@ pub fn install_trap_handler() -> Result<(), String> {
 }
 
 /// Records `sites` as patched by the live protocol, for traps that arrive after their batch.
-pub fn remember_patched(sites: impl IntoIterator<Item = usize>) {
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+/// Refused on a thread already appending (re-entered from a signal handler): the batch must then
+/// not be written.
+pub fn remember_patched(sites: impl IntoIterator<Item = usize>) -> Result<(), String> {
+    let _guard = INSTALL
+        .lock()
+        .map_err(|_| "the list of patched sites is being appended by this thread (re-entered)")?;
     let mut new: Vec<usize> = sites.into_iter().filter(|&s| !was_patched(s)).collect();
     if new.is_empty() {
-        return;
+        return Ok(());
     }
     new.sort_unstable();
     new.dedup();
@@ -272,6 +345,7 @@ pub fn remember_patched(sites: impl IntoIterator<Item = usize>) {
         next: PATCHED.load(SeqCst),
     });
     PATCHED.store(Box::into_raw(chunk), SeqCst);
+    Ok(())
 }
 
 fn was_patched(site: usize) -> bool {
