@@ -217,6 +217,9 @@ pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 /// when it has `#[target_feature]`, which also compiles the default's body (its callers need
 /// the features, as without the macro).
 ///
+/// A panic in the default or a candidate aborts the process: they are reached through
+/// `extern "sysv64"` / `extern "C"` functions, which do not unwind.
+///
 /// Generic functions, methods of generic impls, `async fn`, `const fn`, unsupported signatures
 /// and methods outside an `#[alternative_impl]` block are compile errors that say what to do
 /// instead.
