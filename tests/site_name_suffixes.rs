@@ -31,6 +31,30 @@ mod deep {
     }
 }
 
+/// Methods are named with their type: `Histogram::add` and `Counter::add` are two sites.
+mod ck {
+    pub struct Histogram;
+    pub struct Counter;
+
+    #[altpatch::alternative_impl]
+    impl Histogram {
+        #[altpatch::alternative(inline, bmi2 => asm("ds lea rax, [rsi + 5]"))]
+        pub fn add(&self, x: u64) -> u64 {
+            x
+        }
+    }
+
+    #[altpatch::alternative_impl]
+    impl Counter {
+        #[altpatch::alternative(inline, popcnt => asm("ds lea rax, [rsi + 6]"))]
+        pub fn add(&self, x: u64) -> u64 {
+            x
+        }
+    }
+}
+
+const HISTOGRAM: &str = "site_name_suffixes::ck::Histogram::add";
+const COUNTER: &str = "site_name_suffixes::ck::Counter::add";
 const RING: &str = "site_name_suffixes::ring::add";
 const TREE: &str = "site_name_suffixes::tree::add";
 const DEEP: &str = "site_name_suffixes::deep::ring::add";
@@ -57,6 +81,7 @@ fn full_paths_and_unique_suffixes_name_one_site() {
         (ring::add(x), tree::add(x), deep::ring::add(x)),
         (10, 10, 10)
     );
+    assert_eq!((ck::Histogram.add(x), ck::Counter.add(x)), (10, 10));
 
     for (value, site, candidate) in [
         ("tree::add=popcnt", TREE, "popcnt"),
@@ -70,6 +95,9 @@ fn full_paths_and_unique_suffixes_name_one_site() {
             TREE,
             "bmi2",
         ),
+        // A method by its type and name.
+        ("Histogram::add=default", HISTOGRAM, "default"),
+        ("ck::Counter::add=default", COUNTER, "default"),
     ] {
         let report = apply(value);
         assert!(report.error.is_none(), "{value}: {report}");
@@ -86,12 +114,19 @@ fn full_paths_and_unique_suffixes_name_one_site() {
         13,
         "tree::add runs popcnt's `lea`"
     );
+    let report = apply("Histogram::add=bmi2");
+    assert_eq!(chosen(&report, HISTOGRAM), "bmi2", "{report}");
+    assert_eq!(ck::Histogram.add(black_box(10)), 15, "Histogram::add runs its `lea`");
+    // A candidate only the other method has is no concern of this one.
+    let report = apply("Counter::add=popcnt");
+    assert!(report.error.is_none(), "{report}");
+    assert_eq!(ck::Counter.add(black_box(10)), 16);
 }
 
 #[test]
 fn an_ambiguous_suffix_lists_its_matches() {
     for (value, matches) in [
-        ("add=bmi2", vec![DEEP, RING, TREE]),
+        ("add=bmi2", vec![COUNTER, HISTOGRAM, DEEP, RING, TREE]),
         ("ring::add=bmi2", vec![DEEP, RING]),
     ] {
         let report = apply(value);
