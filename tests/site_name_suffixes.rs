@@ -116,7 +116,11 @@ fn full_paths_and_unique_suffixes_name_one_site() {
     );
     let report = apply("Histogram::add=bmi2");
     assert_eq!(chosen(&report, HISTOGRAM), "bmi2", "{report}");
-    assert_eq!(ck::Histogram.add(black_box(10)), 15, "Histogram::add runs its `lea`");
+    assert_eq!(
+        ck::Histogram.add(black_box(10)),
+        15,
+        "Histogram::add runs its `lea`"
+    );
     // A candidate only the other method has is no concern of this one.
     let report = apply("Counter::add=popcnt");
     assert!(report.error.is_none(), "{report}");

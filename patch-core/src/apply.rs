@@ -329,21 +329,24 @@ impl Patcher {
                     restored: None,
                 }
             });
-            let trampoline = rec.kind() == Some(record::SiteKind::Trampoline);
             let site = match plan_record(rec, &memory, &mut scratch, |_| entry.selection.clone()) {
                 Ok((selection, planned, new_bytes)) => {
-                    let held = How::running(planned.held, planned.held_shape, trampoline);
-                    let how = How::running(selection.index, planned.shape, trampoline);
+                    let how = How::running(selection.index, planned.shape, rec);
                     let (chosen, how, why) = match new_bytes {
                         // An error: say what the site holds, write nothing.
-                        _ if !write => (planned.held, held, CONFIGURATION_ERROR.into()),
+                        _ if !write => {
+                            let held = held_how(rec, planned.held, planned.held_len);
+                            (planned.held, held, CONFIGURATION_ERROR.into())
+                        }
                         Some(mut new_bytes) => {
                             new_bytes.group = Some(&desc.name);
-                            written_sites.push((
-                                report.sites.len(),
-                                entry.why,
-                                (0, How::Unpatched),
-                            ));
+                            // What the site holds, in case it stays: 8 bytes, as small as the
+                            // index alone would be (the records' counts and lengths are bytes).
+                            written_sites.push(HeldSite {
+                                index: u32::try_from(report.sites.len()).unwrap_or(u32::MAX),
+                                candidate: u8::try_from(planned.held).unwrap_or(u8::MAX),
+                                len: u8::try_from(planned.held_len).unwrap_or(u8::MAX),
+                            });
                             writes.push(new_bytes);
                             let why = match how {
                                 How::Unpatched => entry.restored(&mut suffixed),
@@ -359,16 +362,9 @@ impl Patcher {
                         None => (selection.index, how, entry.why.into()),
                     };
                     let mut site = SiteReport::new(rec, why);
-                    // The record's count (a byte) bounds the indexes.
+                    // The record's count (a byte) bounds the index.
                     site.chosen = u8::try_from(chosen).unwrap_or(u8::MAX);
                     site.how = how;
-                    if let Some(last) = written_sites
-                        .last_mut()
-                        .filter(|w| w.0 == report.sites.len())
-                    {
-                        // Until the batch is written (or if it is not), the site runs what it held.
-                        last.2 = (u8::try_from(planned.held).unwrap_or(u8::MAX), held);
-                    }
                     site
                 }
                 Err(why) => SiteReport::new(rec, why.into()),
@@ -380,18 +376,25 @@ impl Patcher {
             let (results, stats) = crate::write::write_batch(&writes, writer.as_mut());
             report.stats = stats;
             report.writer = writer.name();
-            for ((i, why, (held, held_how)), result) in written_sites.into_iter().zip(results) {
-                let site = &mut report.sites[i];
+            for (held, result) in written_sites.into_iter().zip(results) {
+                let site = &mut report.sites[held.index as usize];
                 match result {
                     Ok(()) => site.written = true,
+                    // The site keeps the bytes it held (a write never leaves it half-done).
                     Err(e) => {
-                        let holds = site.candidates().nth(usize::from(held)).unwrap_or("?");
+                        let record = site.record;
+                        let candidate = usize::from(held.candidate);
+                        let holds = site.candidates().nth(candidate).unwrap_or("?");
+                        let why = selected
+                            .get(&address(record.descriptor()))
+                            .map_or("", |entry| entry.why);
                         site.why = format!(
                             "{} selected ({why}) but not written: {e}; still runs {holds}",
                             site.chosen(),
                         )
                         .into();
-                        (site.chosen, site.how) = (held, held_how);
+                        site.chosen = held.candidate;
+                        site.how = held_how(record, candidate, usize::from(held.len));
                     }
                 }
             }
@@ -420,12 +423,21 @@ fn default_writer() -> Box<dyn TextWriter> {
 /// are resolved against (static branches included, to name them in errors).
 fn descriptors(records: &[SiteRecord]) -> Vec<&'static SiteDescriptor> {
     let mut seen: AddressMap<()> = AddressMap::default();
-    records
+    let mut last = None;
+    let mut descriptors = Vec::new();
+    for desc in records
         .iter()
         .filter(|r| record::is_understood(r))
         .map(|r| r.descriptor())
-        .filter(|d| seen.insert(address(*d), ()).is_none())
-        .collect()
+    {
+        // Inlined copies of one site are usually neighbours: most repeats cost no hashing.
+        if last.replace(address(desc)) != Some(address(desc))
+            && seen.insert(address(desc), ()).is_none()
+        {
+            descriptors.push(desc);
+        }
+    }
+    descriptors
 }
 
 /// `overrides` resolved against the program's sites for the `detected` CPU (masked by their
@@ -476,6 +488,31 @@ fn disabled_reason(overrides: &Overrides, error: Option<&OverrideError>) -> Opti
     overrides
         .off
         .then(|| format!("{}=off", crate::overrides::ENV_VAR))
+}
+
+/// A site of the batch and the candidate it holds until written (or if it is not).
+struct HeldSite {
+    /// The site's index in the report.
+    index: u32,
+    /// The held candidate ([`plan::Planned::held`]).
+    candidate: u8,
+    /// Its length at the site ([`plan::Planned::held_len`]).
+    len: u8,
+}
+
+/// How a site runs that holds `candidate` in its first `len` bytes: read from the site, off the
+/// hot path (a site left as it was, or an error).
+#[cold]
+fn held_how(rec: &SiteRecord, candidate: usize, len: usize) -> How {
+    // SAFETY: the planner read this range (mapped, executable, hence readable, text) under the
+    // patcher lock we hold; only the patcher writes it.
+    let current =
+        unsafe { core::slice::from_raw_parts(rec.site_addr() as *const u8, usize::from(rec.len)) };
+    How::running(
+        candidate,
+        plan::held_shape(current, rec.site_addr() as u64, len),
+        rec,
+    )
 }
 
 /// What one apply decided for a descriptor, shared by the reports of all its inlined copies.

@@ -166,7 +166,8 @@ impl Overrides {
             names.dedup();
             names
         };
-        let (choosable, branches) = (names(false), names(true));
+        // Static branches only matter to an error: their names are gathered then.
+        let choosable = names(false);
         let owned = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
         for choice in &mut self.choices {
             let matching = |list: &[&'a str]| -> Vec<&'a str> {
@@ -180,6 +181,7 @@ impl Overrides {
                 (Some(full), _) | (None, &[full]) => full,
                 (None, []) => {
                     let site = choice.site.clone();
+                    let branches = names(true);
                     let hit = matching(&branches);
                     return Err(if hit.is_empty() {
                         OverrideError::UnknownSite {

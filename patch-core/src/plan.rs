@@ -119,9 +119,9 @@ pub struct Planned {
     /// The candidate the site holds now, recognised before planning: what it runs until the new
     /// bytes are written, and after, if they are not (an index into the candidates given).
     pub held: usize,
-    /// What the held bytes do (for a trampoline holding a copy of a candidate's body, not a
-    /// `jmp`).
-    pub held_shape: Shape,
+    /// The length of the held candidate's instructions at the site, before their filler: with
+    /// the site's bytes, [`held_shape`] tells what they do (asked only when they stay).
+    pub held_len: usize,
 }
 
 /// The bytes to write at one site.
@@ -561,24 +561,26 @@ pub fn plan_site_into(
             shape_of(&instrs, body_len)
         }
     };
-    // What the site runs until written: the chosen candidate's shape, or (a write follows, so a
-    // decode costs little beside it) the old instructions'.
-    let held_shape = match simple_shape(&current[..old_body], site_ip) {
-        _ if held == chosen => shape,
-        Some(shape) => shape,
-        None => decode(Block {
-            bytes: &current[..old_body],
-            ip: site_ip,
-        })
-        .map_or(Shape::Inline { len: old_body }, |instrs| {
-            shape_of(&instrs, old_body)
-        }),
-    };
     Ok(Planned {
         shape,
         live,
         held,
-        held_shape,
+        held_len: old_body,
+    })
+}
+
+/// What a site's first `held_len` bytes do: the candidate [`Planned::held`] names, as the planner
+/// recognised it (a trampoline's copy of a candidate's body is `Inline`).
+pub fn held_shape(current: &[u8], site_ip: u64, held_len: usize) -> Shape {
+    let held = &current[..held_len.min(current.len())];
+    simple_shape(held, site_ip).unwrap_or_else(|| {
+        let block = Block {
+            bytes: held,
+            ip: site_ip,
+        };
+        decode(block).map_or(Shape::Inline { len: held.len() }, |instrs| {
+            shape_of(&instrs, held.len())
+        })
     })
 }
 

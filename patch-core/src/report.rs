@@ -34,7 +34,8 @@ impl How {
     /// How a site holding candidate `index`, whose bytes do `shape`, runs: `Unpatched` for the
     /// default as built (a trampoline's default as built is its `jmp`; a copy of the default's
     /// body is `Inline`).
-    pub(crate) fn running(index: usize, shape: Shape, trampoline: bool) -> How {
+    pub(crate) fn running(index: usize, shape: Shape, site: &SiteRecord) -> How {
+        let trampoline = site.kind() == Some(SiteKind::Trampoline);
         match shape {
             Shape::Jump { .. } if index == 0 => How::Unpatched,
             _ if index == 0 && !trampoline => How::Unpatched,
