@@ -26,7 +26,7 @@
 //! ## How it works
 //!
 //! Each call of `popcount` above is compiled to a *site*: `call <default>` padded at build time
-//! to the longest candidate, plus a record in the `altpatch_sites` linker section. On a CPU with
+//! to the longest candidate, plus a record in the `altpatch_sites_v0_1` linker section. On a CPU with
 //! POPCNT, `apply_patches()` turns
 //!
 //! ```text
@@ -313,6 +313,15 @@ pub mod __private {
     pub use patch_core::record::{Candidate, SiteDescriptor, records};
     pub use patch_core::select::Predicate;
     pub use patch_core::static_key::{BRANCH_CANDIDATES, KeySite};
+    pub use patch_core::{__repl_section as repl_section, __sites_section as sites_section};
+
+    /// Address of the lock word all copies of altpatch in this object share (0 off x86_64 Linux).
+    pub fn text_lock_addr() -> usize {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        return patch_core::os::linux::text_lock_addr();
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        return 0;
+    }
 
     /// Traps the live protocol's handler took (0 off x86_64 Linux).
     pub fn traps_handled() -> usize {
@@ -398,14 +407,14 @@ macro_rules! __static_branch {
                     ::core::concat!($jcc, " {target}"),
                     "jmp 6599b",
                     ".popsection",
-                    ".pushsection altpatch_sites,\"aR\"",
+                    ::core::concat!(".pushsection ", $crate::__private::sites_section!(), ",\"aR\""),
                     ".balign 4",
                     ".long 6500b - .",
                     ".long {desc} - .",
                     ".long 6700f - .",
                     ".byte 6599b - 6500b, {kind}, 3, 1",
                     ".popsection",
-                    ".pushsection altpatch_repl,\"aR\"",
+                    ::core::concat!(".pushsection ", $crate::__private::repl_section!(), ",\"aR\""),
                     ".balign 4",
                     "6700:",
                     ".long 7000f - .", ".byte 7001f - 7000f, 0, 0, 0",

@@ -12,5 +12,6 @@ fn a_binary_without_sites_lists_none_and_succeeds() {
     assert_eq!(json["sites"], serde_json::json!([]));
     assert_eq!(json["sites_section"], serde_json::Value::Null);
     let text = stdout(&tool(&[TOOL]));
-    assert!(text.contains("no altpatch_sites section"), "{text}");
+    let expected = format!("no {} section", patch_core::record::SITES_SECTION);
+    assert!(text.contains(&expected), "{text}");
 }

@@ -2,10 +2,10 @@
 //!
 //! A site's `asm!` block emits, next to its instructions:
 //!
-//! * one [`SiteRecord`] into the retained section `altpatch_sites`. Every inlined copy of a site gets
-//!   its own record, because the assembler sees each copy. The section is iterated through the
-//!   linker-defined `__start_altpatch_sites`/`__stop_altpatch_sites`;
-//! * a table of [`ReplEntry`] into `altpatch_repl`, one per candidate, the default first, each
+//! * one [`SiteRecord`] into the retained section [`SITES_SECTION`] (`altpatch_sites_v0_1`). Every
+//!   inlined copy of a site gets its own record, because the assembler sees each copy. The section
+//!   is iterated through the linker-defined `__start_`/`__stop_` symbols of its name;
+//! * a table of [`ReplEntry`] into [`REPL_SECTION`], one per candidate, the default first, each
 //!   pointing at that candidate's instructions, assembled in the same section. A call candidate is a
 //!   `call sym` there, an inline candidate its instructions, a NOP candidate no bytes at all.
 //!
@@ -18,10 +18,35 @@ use crate::select::Predicate;
 /// Version of the record layout written in [`SiteRecord::version`].
 pub const RECORD_VERSION: u8 = 1;
 
-/// The linker section holding [`SiteRecord`]s.
-pub const SITES_SECTION: &str = "altpatch_sites";
+/// The name of [`SITES_SECTION`], for `asm!` templates and link names (which take literals and
+/// `concat!`, not constants): the one place it is written in this crate.
+///
+/// It carries the crate's semver-compatible version (`v{major}_{minor}`): two semver-incompatible
+/// copies of altpatch linked into one program (cargo allows it) put their records in different
+/// sections, and each copy walks and patches only its own. `patch-macros` derives the same name
+/// from its own version, which moves with this crate's; a test checks this one against it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __sites_section {
+    () => {
+        "altpatch_sites_v0_1"
+    };
+}
+
+/// The name of [`REPL_SECTION`] (see [`__sites_section!`]).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __repl_section {
+    () => {
+        "altpatch_repl_v0_1"
+    };
+}
+
+/// The linker section holding [`SiteRecord`]s, named after this crate's semver-compatible
+/// version so that each copy of altpatch in a program finds only its own records.
+pub const SITES_SECTION: &str = __sites_section!();
 /// The linker section holding candidate tables and replacement bytes.
-pub const REPL_SECTION: &str = "altpatch_repl";
+pub const REPL_SECTION: &str = __repl_section!();
 
 /// What kind of code a site is, which decides how it is selected and reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,7 +131,7 @@ pub struct Candidate {
     pub predicate: Predicate,
 }
 
-/// One candidate's replacement bytes, emitted in the `altpatch_repl` section.
+/// One candidate's replacement bytes, emitted in the [`REPL_SECTION`] section.
 #[repr(C)]
 #[derive(Debug)]
 pub struct ReplEntry {
@@ -175,7 +200,7 @@ impl SiteRecord {
     pub fn replacement(&self, index: usize) -> Option<(&'static [u8], usize)> {
         let entry = self.table().get(index)?;
         let addr = resolve(&entry.bytes);
-        // SAFETY: each entry points at `len` bytes the macro assembled in `altpatch_repl`.
+        // SAFETY: each entry points at `len` bytes the macro assembled in the repl section.
         let bytes =
             unsafe { core::slice::from_raw_parts(addr as *const u8, usize::from(entry.len)) };
         Some((bytes, addr))
@@ -185,9 +210,9 @@ impl SiteRecord {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 unsafe extern "C" {
     // Defined by the linker for the section named like a C identifier.
-    #[link_name = "__start_altpatch_sites"]
+    #[link_name = concat!("__start_", __sites_section!())]
     static SITES_START: SiteRecord;
-    #[link_name = "__stop_altpatch_sites"]
+    #[link_name = concat!("__stop_", __sites_section!())]
     static SITES_STOP: SiteRecord;
 }
 
@@ -203,13 +228,13 @@ pub fn records() -> &'static [SiteRecord] {
         // SAFETY: the block emits no instructions; it only opens and closes a section.
         unsafe {
             core::arch::asm!(
-                ".pushsection altpatch_sites,\"aR\"",
+                concat!(".pushsection ", __sites_section!(), ",\"aR\""),
                 ".balign 4",
                 ".popsection",
                 options(nomem, nostack, preserves_flags)
             );
         }
-        // SAFETY: the linker places every `altpatch_sites` contribution between these symbols;
+        // SAFETY: the linker places every contribution to the section between these symbols;
         // every contribution is a whole number of 16-byte, 4-aligned records.
         unsafe {
             let start = &raw const SITES_START;
@@ -232,6 +257,17 @@ pub fn is_understood(record: &SiteRecord) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn section_names_carry_this_crates_semver_compatible_version() {
+        let version = format!(
+            "v{}_{}",
+            env!("CARGO_PKG_VERSION_MAJOR"),
+            env!("CARGO_PKG_VERSION_MINOR")
+        );
+        assert_eq!(SITES_SECTION, format!("altpatch_sites_{version}"));
+        assert_eq!(REPL_SECTION, format!("altpatch_repl_{version}"));
+    }
 
     #[test]
     fn record_layout_matches_the_assembly() {

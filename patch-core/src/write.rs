@@ -220,9 +220,11 @@ fn write_batch_with(
     }
 
     stats.live = os::thread_count() != Some(1);
+    // Under valgrind, threads run valgrind's translations of the code: it is told which ranges
+    // changed (instead of serializing cores) at each step, and after direct writes.
+    let valgrind = crate::os::valgrind::running();
     if stats.live {
-        let ready = os::enable_sync_core().and_then(|()| os::install_trap_handler());
-        if let Err(e) = ready {
+        if let Err(e) = live_protocol_usable(valgrind) {
             let why = format!("other threads are running and live patching is unavailable: {e}");
             results
                 .iter_mut()
@@ -270,6 +272,11 @@ fn write_batch_with(
         })
         .collect();
 
+    let discard = |indices: &[usize]| {
+        for &i in indices {
+            crate::os::valgrind::discard_translations(sites[i].ip as usize, sites[i].new.len());
+        }
+    };
     if !stats.live {
         let mut failed = None;
         for &i in &pending {
@@ -292,6 +299,9 @@ fn write_batch_with(
                     results[i] = Err(format!("{why}; putting back its old bytes failed: {e}"));
                 }
             }
+        }
+        if valgrind {
+            discard(&pending);
         }
         serialize_local();
     } else if !pending.is_empty() {
@@ -316,6 +326,13 @@ fn write_batch_with(
         // refuse `membarrier` after registration: the steps after a failed one are not made.
         let sync = |stats: &mut BatchStats| {
             stats.serializations += 1;
+            if valgrind {
+                // Valgrind runs one thread at a time, each between translated blocks: a block
+                // translated after this sees the bytes written so far.
+                discard(&pending);
+                serialize_local();
+                return Ok(());
+            }
             os::sync_all_cores()
                 .map_err(|e| format!("cannot serialize the other threads' cores: {e}"))
         };
@@ -438,9 +455,15 @@ fn put_back_live(
         .collect();
     active.sort_by_key(|s| s.addr);
     os::publish(&mut active);
+    let valgrind = crate::os::valgrind::running();
     let sync = |stats: &mut BatchStats| {
         stats.serializations += 1;
-        if os::sync_all_cores().is_err() {
+        if valgrind {
+            for &(addr, old) in back {
+                crate::os::valgrind::discard_translations(addr, old.len());
+            }
+            serialize_local();
+        } else if os::sync_all_cores().is_err() {
             serialize_local();
         }
     };
@@ -485,6 +508,21 @@ fn read_site(site: &SiteWrite) -> SiteBytes {
     SiteBytes::from_slice(unsafe {
         core::slice::from_raw_parts(site.ip as usize as *const u8, site.new.len())
     })
+}
+
+/// Whether the int3 protocol can work in this process now; checked before each live batch writes
+/// anything, so a batch that cannot be made safe is refused whole (see ARCHITECTURE.md, "Live
+/// patching in a hostile process").
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn live_protocol_usable(valgrind: bool) -> Result<(), String> {
+    use crate::os::linux as os;
+    if !valgrind {
+        // Under valgrind the threads' masks in /proc are valgrind's own (it blocks every signal
+        // while running the program), and membarrier is not needed.
+        os::enable_sync_core()?;
+        os::threads_can_take_traps()?;
+    }
+    os::ensure_trap_handler().map(|_reinstalled| ())
 }
 
 /// Off x86_64 Linux nothing is ever written; apply reports the platform before calling this.

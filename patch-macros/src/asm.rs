@@ -68,18 +68,29 @@ pub fn padded_site(blocks: &[Block]) -> String {
     s.join("\n")
 }
 
+/// The section `altpatch_{what}_v{major}_{minor}` (`sites` or `repl`), named after this crate's
+/// semver-compatible version, as `patch_core::record::SITES_SECTION` is after patch-core's (the
+/// workspace's crates share one version): each copy of altpatch in a program finds only its own.
+fn section(what: &str) -> String {
+    format!(
+        "altpatch_{what}_v{}_{}",
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR")
+    )
+}
+
 /// The record of a site starting at `site` (an expression: a label or an operand) of `len` bytes,
 /// and its candidate table and blocks; emits nothing in the current section.
 fn record_and_table(site: &str, len: &str, blocks: &[Block]) -> Vec<String> {
     let mut s = vec![
-        ".pushsection altpatch_sites,\"aR\"".to_string(),
+        format!(".pushsection {},\"aR\"", section("sites")),
         ".balign 4".into(),
         format!(".long {site} - ."),
         ".long {desc} - .".into(),
         ".long 6700f - .".into(),
         format!(".byte {len}, {{kind}}, {}, {RECORD_VERSION}", blocks.len()),
         ".popsection".into(),
-        ".pushsection altpatch_repl,\"aR\"".into(),
+        format!(".pushsection {},\"aR\"", section("repl")),
         ".balign 4".into(),
         "6700:".into(),
     ];

@@ -2,6 +2,7 @@
 //! result tells which candidate ran.
 #![allow(dead_code)]
 
+pub mod child;
 mod fork;
 pub mod seccomp;
 

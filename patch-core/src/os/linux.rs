@@ -1,14 +1,18 @@
 //! Linux: the two ways to write text, core serialization across threads, and the SIGTRAP handler
 //! of the live protocol.
 
+use std::cell::Cell;
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
-use std::mem::ManuallyDrop;
+use std::io::Read as _;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ops::Range;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
 
 use crate::arch::x86_64::{self as arch, Resume};
 use crate::lock::ForkSafeMutex;
@@ -16,9 +20,15 @@ use crate::write::{ActiveSite, TextWriter};
 
 /// Writes through `mprotect`: each page range is made read-write-execute for the batch (execute is
 /// never dropped, so threads keep running it) and given back its exact original protection after.
+///
+/// The protection of a page is shared by every copy of altpatch linked into the same object (two
+/// semver-incompatible versions in one program): a batch holds [`TextLock`] from its first
+/// `prepare` to `finish`, so no other copy saves a protection this batch made, or restores one
+/// while this batch writes.
 #[derive(Default)]
 pub struct MprotectWriter {
     restore: Vec<(Range<usize>, region::Protection)>,
+    lock: Option<TextLock>,
 }
 
 impl TextWriter for MprotectWriter {
@@ -27,6 +37,7 @@ impl TextWriter for MprotectWriter {
     }
 
     fn prepare(&mut self, pages: Range<usize>) -> Result<(), String> {
+        self.lock.get_or_insert_with(TextLock::acquire);
         let original = region::query_range(pages.start as *const u8, pages.len())
             .and_then(|regions| regions.collect::<Result<Vec<_>, _>>())
             .map_err(|e| format!("cannot query page protection: {e}"))?;
@@ -65,7 +76,65 @@ impl TextWriter for MprotectWriter {
                 failed = Some(format!("restoring protection of {range:#x?} failed: {e}"));
             }
         }
+        self.lock = None;
         failed.map_or(Ok(()), Err)
+    }
+}
+
+// The lock word every copy of altpatch in this linked object shares: a COMDAT group of one name,
+// which the linker keeps once however many copies define it (as for C++ inline variables), hidden
+// so that each shared object keeps its own (its pages are its own).
+core::arch::global_asm!(
+    ".pushsection .bss.altpatch_text_lock,\"awG\",@nobits,altpatch_text_lock,comdat",
+    ".weak altpatch_text_lock",
+    ".hidden altpatch_text_lock",
+    ".balign 4",
+    "altpatch_text_lock:",
+    ".zero 4",
+    ".popsection",
+);
+
+unsafe extern "C" {
+    /// The thread id of the batch holding the text lock, 0 when free.
+    static altpatch_text_lock: AtomicI32;
+}
+
+/// Address of the text lock word, for the test that two copies find the same one.
+pub fn text_lock_addr() -> usize {
+    &raw const altpatch_text_lock as usize
+}
+
+/// Holds the text lock shared by the copies of altpatch in this object while alive.
+pub struct TextLock;
+
+impl TextLock {
+    /// Waits for the lock. A holder that is no thread of this process any more (the process
+    /// forked while another thread held it) is taken over.
+    pub fn acquire() -> TextLock {
+        // SAFETY: gettid and getpid take no arguments and cannot fail.
+        let (me, pid) = unsafe { (libc::gettid(), libc::getpid()) };
+        // SAFETY: the word is defined above, 4-aligned, and only used atomically.
+        let word = unsafe { &altpatch_text_lock };
+        loop {
+            let holder = match word.compare_exchange(0, me, SeqCst, SeqCst) {
+                Ok(_) => return TextLock,
+                Err(holder) => holder,
+            };
+            // SAFETY: signal 0 only checks that the thread exists in this process.
+            let gone = unsafe { libc::syscall(libc::SYS_tgkill, pid, holder, 0) } != 0
+                && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            if gone && word.compare_exchange(holder, me, SeqCst, SeqCst).is_ok() {
+                return TextLock;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for TextLock {
+    fn drop(&mut self) {
+        // SAFETY: as in `acquire`.
+        unsafe { altpatch_text_lock.store(0, SeqCst) };
     }
 }
 
@@ -190,11 +259,126 @@ pub fn prefault<T>(buffer: &mut Vec<T>) {
     }
 }
 
-/// Number of threads in this process, from `/proc/self/status`; `None` if it cannot be read.
+/// Number of threads in this process, from the entries of `/proc/self/task` (listing them costs
+/// a fraction of reading `/proc/self/status`); `None` if they cannot be listed.
 pub fn thread_count() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("Threads:"))?;
-    line.trim().parse().ok()
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    Some(tasks.filter(|t| t.is_ok()).count())
+}
+
+/// Checks every other thread of the process, from `/proc/self/task/*/status`, for what would make
+/// an `int3` of the live protocol fatal instead of a detour through our handler: a tracer (a
+/// debugger takes the trap, stops or kills the thread), or SIGTRAP blocked (the kernel then
+/// forces the default action: the process dies). `Err` names the thread and the reason.
+///
+/// What this sees is each thread's state when its file was read: a thread that blocks SIGTRAP
+/// or a debugger that attaches after that, during the batch, is not seen (see ARCHITECTURE.md,
+/// "Live patching in a hostile process").
+pub fn threads_can_take_traps() -> Result<(), String> {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let me = unsafe { libc::gettid() };
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| format!("cannot list this process's threads in /proc/self/task: {e}"))?;
+    let mut status = Vec::with_capacity(2048);
+    let mut path = String::with_capacity(40);
+    for task in tasks {
+        let Ok(task) = task else { continue };
+        let name = task.file_name();
+        let Some(tid) = name.to_str().and_then(|n| n.parse::<libc::pid_t>().ok()) else {
+            continue;
+        };
+        // The patching thread runs no site during the batch (its asynchronous signals are
+        // blocked, SIGTRAP unblocked: `SignalsBlocked`), and one read costs tens of µs.
+        if tid == me {
+            continue;
+        }
+        path.clear();
+        let _ = write!(path, "/proc/self/task/{tid}/status");
+        let mut first_blocked = None;
+        let thread = loop {
+            status.clear();
+            match File::open(&path).and_then(|mut f| f.read_to_end(&mut status)) {
+                Ok(_) => {}
+                // The thread ended since the directory was listed: it runs nothing any more.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
+                    break ThreadStatus::default();
+                }
+                Err(e) => return Err(format!("cannot read {path}: {e}")),
+            }
+            let thread = ThreadStatus::parse(&status);
+            // Some masks that block SIGTRAP last a moment, in code that runs no site: glibc's
+            // inside `pthread_create` (in the creating and the new thread), the kernel's as it
+            // enters our handler (before `IN_HANDLER` has the thread). Read again for a while
+            // before taking the thread for one that blocks SIGTRAP.
+            let since = *first_blocked.get_or_insert_with(Instant::now);
+            if !blocks_sigtrap(&thread, tid) || since.elapsed() > TRANSIENT_MASK {
+                break thread;
+            }
+            // SAFETY: sched_yield takes no arguments.
+            unsafe { libc::sched_yield() };
+        };
+        if thread.tracer.is_some_and(|t| t != 0) {
+            return Err(format!(
+                "the process is traced (thread {tid} has tracer pid {}): a debugger would take \
+                 the int3 traps of the live protocol",
+                thread.tracer.unwrap_or_default()
+            ));
+        }
+        if blocks_sigtrap(&thread, tid) {
+            return Err(format!(
+                "thread {tid} ({}) blocks SIGTRAP: an int3 of the live protocol would kill the \
+                 process there",
+                thread.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `thread` (of id `tid`) has SIGTRAP blocked, other than by running our handler.
+fn blocks_sigtrap(thread: &ThreadStatus<'_>, tid: libc::pid_t) -> bool {
+    // Bit `n - 1` for signal `n`.
+    thread
+        .blocked
+        .is_some_and(|set| set & (1 << (libc::SIGTRAP - 1)) != 0)
+        && !in_handler(tid)
+}
+
+/// How long a thread's mask may block SIGTRAP before the thread is taken for one that blocks it.
+const TRANSIENT_MASK: Duration = Duration::from_millis(50);
+
+/// The lines of a `/proc/<pid>/task/<tid>/status` file the live protocol cares about.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ThreadStatus<'a> {
+    name: &'a str,
+    tracer: Option<u32>,
+    /// `SigBlk`: bit `n - 1` set when signal `n` is blocked.
+    blocked: Option<u64>,
+}
+
+impl<'a> ThreadStatus<'a> {
+    fn parse(text: &'a [u8]) -> ThreadStatus<'a> {
+        let mut status = ThreadStatus::default();
+        for line in text.split(|&b| b == b'\n') {
+            let Ok(line) = core::str::from_utf8(line) else {
+                continue;
+            };
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match key {
+                "Name" => status.name = value,
+                "TracerPid" => status.tracer = value.parse().ok(),
+                "SigBlk" => {
+                    status.blocked = u64::from_str_radix(value, 16).ok();
+                    break; // after Name and TracerPid in every kernel's layout
+                }
+                _ => {}
+            }
+        }
+        status
+    }
 }
 
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 5;
@@ -251,16 +435,18 @@ impl SignalsBlocked {
             let mut all: libc::sigset_t = core::mem::zeroed();
             let mut old: libc::sigset_t = core::mem::zeroed();
             libc::sigfillset(&mut all);
-            for sig in [
-                libc::SIGTRAP,
-                libc::SIGSEGV,
-                libc::SIGBUS,
-                libc::SIGILL,
-                libc::SIGFPE,
-            ] {
+            for sig in [libc::SIGTRAP].into_iter().chain(SYNCHRONOUS) {
                 libc::sigdelset(&mut all, sig);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            // A thread that blocked these (every signal, in a `sigwait` layout) gets them back
+            // for the batch: a trap here with them blocked would kill the process.
+            let mut traps: libc::sigset_t = core::mem::zeroed();
+            libc::sigemptyset(&mut traps);
+            for sig in [libc::SIGTRAP].into_iter().chain(SYNCHRONOUS) {
+                libc::sigaddset(&mut traps, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &traps, core::ptr::null_mut());
             SignalsBlocked(old)
         }
     }
@@ -282,12 +468,17 @@ impl Drop for SignalsBlocked {
 // | `ACTIVE`   | patcher: batch published/cleared   | sites being patched now, their new shape |
 // | `IN_FLIGHT`| handler: +1 before reading ACTIVE  | patcher waits for 0 before freeing      |
 // | `PATCHED`  | patcher: append-only leaked chunks | "a site we patched": retry if int3 gone |
-// | `PREVIOUS` | installer, once                    | the handler chained to for other traps  |
+// | `PREVIOUS` | installer: leaked, never freed     | the handler chained to for other traps  |
+// | `FIRST`    | installer, once                    | chained to when `PREVIOUS` leads back   |
 
 static ACTIVE: AtomicPtr<Vec<ActiveSite>> = AtomicPtr::new(core::ptr::null_mut());
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static PATCHED: AtomicPtr<PatchedChunk> = AtomicPtr::new(core::ptr::null_mut());
-static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// The disposition ours replaced most recently: the program's own handler, installed before
+/// ours or over it (see [`ensure_trap_handler`]). Leaked boxes, so a handler never reads a freed one.
+static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(core::ptr::null_mut());
+/// The disposition before ours was first installed.
+static FIRST: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// Addresses of sites ever written by the live protocol, sorted; a chunk per batch that added new
 /// ones. Never freed, so a thread that trapped just before a batch ended still finds its site.
@@ -300,31 +491,142 @@ struct PatchedChunk {
 /// Fork-safe, like the patcher lock (`lock.rs`).
 pub(crate) static INSTALL: ForkSafeMutex<()> = ForkSafeMutex::new(());
 
-/// Installs the SIGTRAP handler (once), chaining to whatever handler was there before.
-pub fn install_trap_handler() -> Result<(), String> {
-    let _guard = INSTALL
-        .lock()
-        .map_err(|_| "the SIGTRAP handler is being installed by this thread (re-entered)")?;
-    if PREVIOUS.get().is_some() {
-        return Ok(());
-    }
-    // SAFETY: a zeroed sigaction is a valid "no handler" value; we fill in ours with SA_SIGINFO,
-    // and the kernel copies the old action out.
+/// Our disposition: every signal but the synchronous faults is blocked while the handler runs,
+/// so an asynchronous handler that runs a site cannot interrupt it and trap again with SIGTRAP
+/// blocked (which the kernel turns into a kill).
+fn our_action() -> libc::sigaction {
+    // SAFETY: a zeroed sigaction is a valid "default" value, completed with valid sets.
     unsafe {
         let mut action: libc::sigaction = core::mem::zeroed();
         action.sa_sigaction = on_sigtrap as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        let mut old: libc::sigaction = core::mem::zeroed();
-        if libc::sigaction(libc::SIGTRAP, &action, &mut old) != 0 {
-            return Err(format!(
-                "sigaction(SIGTRAP) failed: {}",
-                io::Error::last_os_error()
-            ));
+        libc::sigfillset(&mut action.sa_mask);
+        for sig in SYNCHRONOUS {
+            libc::sigdelset(&mut action.sa_mask, sig);
         }
-        let _ = PREVIOUS.set(old);
+        action
     }
+}
+
+/// Signals the CPU raises for the instruction a thread runs: blocking them does not hold them
+/// back (the kernel kills the process instead), so they stay deliverable.
+const SYNCHRONOUS: [libc::c_int; 4] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE];
+
+fn is_ours(action: &libc::sigaction) -> bool {
+    action.sa_sigaction == on_sigtrap as *const () as usize
+}
+
+/// Installs the SIGTRAP handler (once), chaining to whatever handler was there before.
+pub fn install_trap_handler() -> Result<(), String> {
+    let _guard = install_lock()?;
+    if FIRST.get().is_some() {
+        return Ok(());
+    }
+    pin_handler_code()?;
+    let old = sigtrap_action(Some(&our_action()))?;
+    PREVIOUS.store(Box::into_raw(Box::new(old)), SeqCst);
+    let _ = FIRST.set(old);
     Ok(())
+}
+
+/// Makes sure the installed SIGTRAP handler is ours before a live batch: a program (a crash
+/// reporter, a runtime) may have installed its own since, and our `int3`s would then reach it.
+/// Ours is installed again, over theirs, and theirs becomes the handler ours chains to, so it
+/// still gets every trap that is not ours. Returns whether it had to re-install.
+pub fn ensure_trap_handler() -> Result<bool, String> {
+    install_trap_handler()?;
+    let current = sigtrap_action(None)?;
+    if is_ours(&current) {
+        return Ok(false);
+    }
+    let _guard = install_lock()?;
+    // Theirs first becomes the one chained to, then ours goes over it: a foreign trap in between
+    // still reaches theirs. Boxes are leaked: a handler running now may hold the previous one.
+    PREVIOUS.store(Box::into_raw(Box::new(current)), SeqCst);
+    let replaced = sigtrap_action(Some(&our_action()))?;
+    if replaced.sa_sigaction != current.sa_sigaction && !is_ours(&replaced) {
+        // Yet another handler went in between the two calls: chain to that one.
+        PREVIOUS.store(Box::into_raw(Box::new(replaced)), SeqCst);
+    }
+    Ok(true)
+}
+
+fn install_lock() -> Result<crate::lock::Guard<'static, ()>, String> {
+    INSTALL
+        .lock()
+        .map_err(|_| "the SIGTRAP handler is being installed by this thread (re-entered)".into())
+}
+
+/// Installs `new` for SIGTRAP, if given, and returns the disposition it replaces (or the current).
+fn sigtrap_action(new: Option<&libc::sigaction>) -> Result<libc::sigaction, String> {
+    let mut old = MaybeUninit::<libc::sigaction>::zeroed();
+    let new = new.map_or(core::ptr::null(), |a| a as *const libc::sigaction);
+    // SAFETY: `new` is null or a valid action; the kernel copies the old one out.
+    if unsafe { libc::sigaction(libc::SIGTRAP, new, old.as_mut_ptr()) } != 0 {
+        return Err(format!(
+            "sigaction(SIGTRAP) failed: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: written by the successful sigaction.
+    Ok(unsafe { old.assume_init() })
+}
+
+/// Keeps the code of the SIGTRAP handler mapped for the life of the process: when altpatch is
+/// linked into a shared library, `dlclose` would otherwise unmap the handler the process still
+/// calls on every SIGTRAP. `RTLD_NODELETE` on the object holding it makes `dlclose` keep it.
+fn pin_handler_code() -> Result<(), String> {
+    let handler = on_sigtrap as *const () as *const libc::c_void;
+    // SAFETY: dladdr fills `info` for a valid code address; it takes no other pointers.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    if unsafe { libc::dladdr(handler, &mut info) } == 0 || info.dli_fname.is_null() {
+        // No dynamic loader knows the address: a static executable, never unloaded.
+        return Ok(());
+    }
+    // SAFETY: `dli_fname` is the loader's NUL-terminated name of a loaded object; NOLOAD only
+    // takes another reference to it, NODELETE keeps it mapped for good.
+    let pinned = unsafe {
+        libc::dlopen(
+            info.dli_fname,
+            libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+        )
+    };
+    if !pinned.is_null() || in_main_program(handler as usize) {
+        return Ok(());
+    }
+    // SAFETY: dli_fname is NUL-terminated (checked non-null above).
+    let name = unsafe { core::ffi::CStr::from_ptr(info.dli_fname) };
+    Err(format!(
+        "the SIGTRAP handler's object {} cannot be kept loaded (dlopen RTLD_NODELETE failed)",
+        name.to_string_lossy()
+    ))
+}
+
+/// Whether `addr` lies in a loadable segment of the main program (the first object the loader
+/// lists), which is never unloaded.
+fn in_main_program(addr: usize) -> bool {
+    unsafe extern "C" fn first_object(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid info for the object, and `data` is the `(usize,
+        // bool)` below, alive for the whole iteration.
+        unsafe {
+            let (addr, found) = &mut *data.cast::<(usize, bool)>();
+            let info = &*info;
+            let headers = core::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum));
+            *found = headers.iter().any(|h| {
+                let start = (info.dlpi_addr as usize).wrapping_add(h.p_vaddr as usize);
+                h.p_type == libc::PT_LOAD && (start..start + h.p_memsz as usize).contains(addr)
+            });
+        }
+        1 // the main program comes first: stop there
+    }
+    let mut data = (addr, false);
+    // SAFETY: the callback only reads the loader's data and writes `data`.
+    unsafe { libc::dl_iterate_phdr(Some(first_object), (&raw mut data).cast()) };
+    data.1
 }
 
 /// Records `sites` as patched by the live protocol, for traps that arrive after their batch.
@@ -375,12 +677,65 @@ pub fn withdraw() {
 }
 
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let slot = InHandler::enter();
     // SAFETY: the kernel passes a valid siginfo and ucontext for an SA_SIGINFO handler.
     let handled = unsafe { handle_int3(&*info, &mut *ctx.cast::<libc::ucontext_t>()) };
-    if !handled {
-        // SAFETY: forwards the same arguments to the previous disposition.
-        unsafe { chain(sig, info, ctx) };
+    drop(slot);
+    if handled {
+        return;
     }
+    // A handler installed over ours that chains to what it replaced (ours) leads back here for
+    // the same trap: pass it on to the one before ours instead of going round.
+    let again = CHAINING.replace(true);
+    let previous = if again {
+        FIRST.get().map(|a| a as *const libc::sigaction)
+    } else {
+        Some(PREVIOUS.load(SeqCst).cast_const())
+    };
+    // SAFETY: forwards the same arguments to a disposition that is never freed.
+    if let Some(prev) = previous.and_then(|p| unsafe { p.as_ref() }) {
+        unsafe { chain(prev, sig, info, ctx) };
+    }
+    CHAINING.set(again);
+}
+
+/// The threads inside [`handle_int3`] now, by id (0: a free slot). The kernel blocks SIGTRAP (and
+/// our `sa_mask`) while a thread runs the handler, so the pre-batch scan would take a thread that
+/// trapped on the last batch and is not back yet for one that blocks SIGTRAP; this one did not (it
+/// trapped), and gets its own mask back on return.
+static IN_HANDLER: [AtomicI32; 32] = [const { AtomicI32::new(0) }; 32];
+
+/// A slot of [`IN_HANDLER`] held while alive (none when all are taken: the scan then waits).
+struct InHandler(Option<&'static AtomicI32>);
+
+impl InHandler {
+    fn enter() -> InHandler {
+        // SAFETY: gettid takes no arguments and cannot fail; it is async-signal-safe.
+        let tid = unsafe { libc::gettid() };
+        InHandler(
+            IN_HANDLER
+                .iter()
+                .find(|slot| slot.compare_exchange(0, tid, SeqCst, SeqCst).is_ok()),
+        )
+    }
+}
+
+impl Drop for InHandler {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            slot.store(0, SeqCst);
+        }
+    }
+}
+
+fn in_handler(tid: libc::pid_t) -> bool {
+    IN_HANDLER.iter().any(|slot| slot.load(SeqCst) == tid)
+}
+
+thread_local! {
+    /// Whether this thread is inside [`chain`] (const-initialised, no destructor: plain TLS,
+    /// safe in a signal handler).
+    static CHAINING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Handles a trap on one of our sites; `false` means it is not ours.
@@ -463,18 +818,25 @@ fn wait_for_first_byte(site: usize) {
     }
 }
 
-/// Passes a trap that is not ours to the handler installed before ours, or to the default action.
-unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let Some(prev) = PREVIOUS.get() else { return };
+/// Passes a trap that is not ours to `prev`, the handler installed before ours (or over it),
+/// or to the default action.
+unsafe fn chain(
+    prev: &libc::sigaction,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    if prev.sa_flags & libc::SA_RESETHAND != 0 && prev.sa_sigaction != libc::SIG_DFL {
+        // A one-shot handler: the kernel would have reset it as it delivered this signal.
+        PREVIOUS.store((&raw const DEFAULT_ACTION).cast_mut(), SeqCst);
+    }
     match prev.sa_sigaction {
         libc::SIG_IGN => {}
         libc::SIG_DFL => {
             // Let the default action (terminate with a core dump) happen, as without us.
             // SAFETY: resets the disposition and re-raises the signal; async-signal-safe calls.
             unsafe {
-                let mut dfl: libc::sigaction = core::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, core::ptr::null_mut());
+                libc::sigaction(sig, &DEFAULT_ACTION, core::ptr::null_mut());
                 let mut set: libc::sigset_t = core::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::sigaddset(&mut set, sig);
@@ -496,9 +858,39 @@ unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_
     }
 }
 
+/// `SIG_DFL` with no flags (all zero), for one-shot handlers once used and for re-raising.
+// SAFETY: an all-zero sigaction is SIG_DFL with an empty mask and no flags.
+static DEFAULT_ACTION: libc::sigaction = unsafe { core::mem::zeroed() };
+
 static TRAPS_HANDLED: AtomicUsize = AtomicUsize::new(0);
 
 /// How many times a thread trapped on a site being patched and was moved on by the handler.
 pub fn traps_handled() -> usize {
     TRAPS_HANDLED.load(SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_status_lines_are_parsed() {
+        let text = b"Name:\tworker\nUmask:\t0022\nState:\tS (sleeping)\nTracerPid:\t42\n\
+                     SigQ:\t0/62811\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n\
+                     SigBlk:\t0000000000000010\nSigIgn:\t0000000000001000\n";
+        assert_eq!(
+            ThreadStatus::parse(text),
+            ThreadStatus {
+                name: "worker",
+                tracer: Some(42),
+                blocked: Some(1 << (libc::SIGTRAP - 1)),
+            }
+        );
+    }
+
+    #[test]
+    fn this_process_can_take_traps() {
+        // The test harness neither traces itself nor blocks SIGTRAP.
+        assert_eq!(threads_can_take_traps(), Ok(()));
+    }
 }

@@ -2,6 +2,8 @@
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod linux;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod valgrind;
 
 use std::ops::Range;
 use std::sync::atomic::AtomicUsize;

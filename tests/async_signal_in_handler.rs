@@ -1,0 +1,73 @@
+//! An asynchronous signal handler (a SIGUSR1 flood) runs a static branch while the key toggles:
+//! altpatch's SIGTRAP handler blocks asynchronous signals while it runs, so the SIGUSR1 handler
+//! never runs inside it (where a trap on the branch, with SIGTRAP blocked, would kill the process).
+
+mod common;
+#[path = "common/toggling.rs"]
+mod toggling;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use common::child::run_bounded;
+use toggling::*;
+
+static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_usr1(_sig: libc::c_int) {
+    run_branch_checked();
+    IN_HANDLER.fetch_add(1, SeqCst);
+}
+
+#[test]
+#[ignore = "run by the test below, in a child process"]
+fn child_entry() {
+    altpatch::apply_patches();
+    // SAFETY: installs a handler that only runs the branch and bumps atomics.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_usr1 as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
+            0
+        );
+    }
+    let workers: std::sync::Mutex<Vec<libc::pid_t>> = Default::default();
+    let stop = AtomicBool::new(false);
+    let run = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(SeqCst) {
+                for &tid in workers.lock().unwrap().iter() {
+                    // SAFETY: tgkill only sends a signal; a thread that has ended (its id not
+                    // reused within this process) gives ESRCH.
+                    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+                }
+                std::thread::yield_now();
+            }
+        });
+        let run = toggle_while_running(2, 300, Duration::from_secs(20), || {
+            // SAFETY: gettid has no preconditions.
+            workers.lock().unwrap().push(unsafe { libc::gettid() });
+        });
+        stop.store(true, SeqCst);
+        run
+    });
+    println!("{} in_handler={}", run.summary(), IN_HANDLER.load(SeqCst));
+    assert_eq!(run.wrong, 0, "{}", run.summary());
+    assert!(run.refusals.is_empty(), "{}", run.summary());
+    assert_eq!(run.written as u64, run.toggles, "{}", run.summary());
+    assert!(IN_HANDLER.load(SeqCst) > 0, "the flood reached the workers");
+    println!("CHILD OK");
+}
+
+#[test]
+fn a_signal_flood_whose_handler_runs_the_branch() {
+    let run = run_bounded(&[], "child_entry", &[], Duration::from_secs(60));
+    run.assert_success("SIGUSR1 flood while toggling");
+    assert!(run.stdout.contains("CHILD OK"), "{}", run.stdout);
+    let (wrong, calls, toggles, written) = parse_summary(&run.stdout).unwrap();
+    assert_eq!((wrong, written as u64), (0, toggles));
+    assert!(calls > 0);
+}
