@@ -64,7 +64,7 @@
 //!
 //! | item | what it does |
 //! |---|---|
-//! | `off` | selects every site's default. On the first apply nothing needs writing (sites hold their build-time defaults); on a re-apply ([`Patcher`]) a site an earlier apply patched is written back to its default where that is safe now (one holding several instructions only when no other thread runs), and otherwise reported as what it still holds. Static branches go back to reading their key's flag. |
+//! | `off` | selects every site's default. On the first apply nothing needs writing (sites hold their build-time defaults); on a re-apply ([`Patcher`]) a site an earlier apply patched is written back to its default as built where that is safe now (one holding several instructions only when no other thread runs), and otherwise reported as what it still holds. Static branches go back to reading their key's flag. |
 //! | `cpu=-FEAT[-FEAT...]` | hides features from the CPU snapshot selection sees (the kernel's `clearcpuid=`); features that depend on one go with it (`-avx` hides `avx2`, `fma`, ...). Repeatable; accumulates. Names as in [`Feature`] (`sse4_2` or `sse4.2`, `lzcnt` or `abm`). `cpu=+FEAT` is an error: forcing a feature on would make the CPU fault. |
 //! | `SITE=CANDIDATE` | forces the candidate on the site, ahead of every predicate. `SITE` is a site's full name as the report prints it (`module::function`, or its `name = "..."`), or any suffix of it starting after a `::` that no other site name ends with (`popcount`, `ring::add`). Every site sharing the name (inlined copies, `name = "..."`) takes the choice. Of several choices for one site, the last wins. |
 //!
@@ -85,7 +85,7 @@
 //! Every site's entry says what its bytes are after the apply: [`SiteReport::chosen`] is the
 //! candidate the site holds (recognised by the planner, as it must before any write) and
 //! [`SiteReport::how`] its form (`call`, `jmp`, `inline`, `nop`, or `unpatched`: the default
-//! as built). When the selected candidate cannot be written (other threads run and the site
+//! as built; `unknown` for a site refused unrecognised, whose bytes are none of its candidates). When the selected candidate cannot be written (other threads run and the site
 //! holds several instructions, a refused page, a configuration error), the entry names what the
 //! site still runs and [`SiteReport::why`] says what was selected and why it was not written.
 

@@ -90,10 +90,18 @@ fn entries_match_bytes_through_forced_variants_off_and_threads() {
             ("mix", "avx2", How::Call),
             ("crc_step", "default", How::Unpatched),
             ("crc_step", "sse4_2", How::Inline),
-            ("twice", "default", How::Unpatched),
         ] {
             let report = apply(&format!("{site}={candidate}"));
             all_are(&report, site, candidate, how);
+        }
+        // A trampoline's default is its `jmp` as built or, when its body is straight-line code
+        // (optimized builds), a copy of that body.
+        let report = apply("twice=default");
+        for (chosen, how, _) in entries(&report, "twice") {
+            assert!(
+                chosen == "default" && [How::Unpatched, How::Inline].contains(&how),
+                "{report}"
+            );
         }
 
         // `off` on a re-apply puts every default back (one thread: every site may be written).

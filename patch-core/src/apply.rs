@@ -300,12 +300,17 @@ impl Patcher {
             made: HashMap::default(),
             reasons,
         };
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch {
+            // `off` puts back the bytes as built: a trampoline's `jmp`, not a copy of the
+            // default's body.
+            inline_bodies: (!select).then_some(false),
+            ..Scratch::default()
+        };
         for rec in records {
             if !record::is_understood(rec) {
                 report
                     .sites
-                    .push(SiteReport::new(rec, not_understood(rec).into()));
+                    .push(SiteReport::unknown(rec, not_understood(rec).into()));
                 continue;
             }
             let desc = rec.descriptor();
@@ -367,7 +372,7 @@ impl Patcher {
                     site.how = how;
                     site
                 }
-                Err(why) => SiteReport::new(rec, why.into()),
+                Err(why) => SiteReport::unknown(rec, why.into()),
             };
             report.sites.push(site);
         }

@@ -28,6 +28,9 @@ pub enum How {
     Nop,
     /// The site holds its build-time bytes: it runs its default.
     Unpatched,
+    /// The site was left alone without being recognised (its bytes are none of its candidates,
+    /// or could not be read; its record is not understood): what it runs is not known.
+    Unknown,
 }
 
 impl How {
@@ -52,7 +55,7 @@ impl How {
         }
     }
 
-    /// Short name (`call`, `jmp`, `inline`, `nop`, `unpatched`).
+    /// Short name (`call`, `jmp`, `inline`, `nop`, `unpatched`, `unknown`).
     pub fn name(self) -> &'static str {
         match self {
             How::Call => "call",
@@ -60,6 +63,7 @@ impl How {
             How::Inline => "inline",
             How::Nop => "nop",
             How::Unpatched => "unpatched",
+            How::Unknown => "unknown",
         }
     }
 }
@@ -93,6 +97,14 @@ impl SiteReport {
             chosen: 0,
             how: How::Unpatched,
             written: false,
+        }
+    }
+
+    /// A site left alone without being recognised: [`How::Unknown`].
+    pub(crate) fn unknown(record: &'static SiteRecord, why: Cow<'static, str>) -> SiteReport {
+        SiteReport {
+            how: How::Unknown,
+            ..SiteReport::new(record, why)
         }
     }
 
@@ -146,9 +158,12 @@ impl SiteReport {
 
     /// The candidate the site's bytes hold after the apply: the selected one where it was
     /// written or found in place, else the one the site already held (a write that failed or
-    /// must wait for no other thread to run; a configuration error). `default` for a site left
-    /// alone without being recognised (refused).
+    /// must wait for no other thread to run; a configuration error). `?` for a site left
+    /// alone without being recognised ([`How::Unknown`]).
     pub fn chosen(&self) -> &'static str {
+        if self.how == How::Unknown {
+            return "?";
+        }
         self.descriptor()
             .and_then(|d| d.candidates.get(usize::from(self.chosen)))
             .map_or("default", |c| c.name)
@@ -276,11 +291,17 @@ impl Report {
     pub fn patched(&self) -> usize {
         self.sites
             .iter()
-            .filter(|s| s.how != How::Unpatched)
+            .filter(|s| !matches!(s.how, How::Unpatched | How::Unknown))
             .count()
     }
 
-    /// The reports of every inlined copy of the site named `name` (full name or last segment).
+    /// Sites left alone without being recognised ([`How::Unknown`]).
+    pub fn unknown(&self) -> usize {
+        self.sites.iter().filter(|s| s.how == How::Unknown).count()
+    }
+
+    /// The reports of every site `name` names: a full name, or a `::`-suffix (unlike `ALTPATCH`,
+    /// a suffix several site names end with yields all of them), every inlined copy of each.
     pub fn site<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a SiteReport> + 'a {
         self.sites
             .iter()
@@ -293,11 +314,15 @@ impl fmt::Display for Report {
         let written = self.sites.iter().filter(|s| s.written).count();
         write!(
             f,
-            "altpatch: {} sites, {} patched ({} written now), {} unpatched; {} pages, {} serializations{}, writer {}, {:.1?}",
+            "altpatch: {} sites, {} patched ({} written now), {} unpatched{}; {} pages, {} serializations{}, writer {}, {:.1?}",
             self.sites.len(),
             self.patched(),
             written,
-            self.sites.len() - self.patched(),
+            self.sites.len() - self.patched() - self.unknown(),
+            match self.unknown() {
+                0 => String::new(),
+                n => format!(", {n} unknown (refused)"),
+            },
             self.stats.pages,
             self.stats.serializations,
             if self.stats.live {
