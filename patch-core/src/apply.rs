@@ -737,22 +737,37 @@ fn plan_record(
     let current = unsafe { core::slice::from_raw_parts(site as *const u8, len) };
     let selection = select(desc);
     let planned = if trampoline {
-        let bodies: Vec<Option<Block<'static>>> = scratch
-            .blocks
-            .iter()
-            .map(|b| trampoline_body(*b, len, memory))
-            .collect();
         let inline_body = scratch.inline_bodies();
-        plan::plan_trampoline_into(
-            site as u64,
-            current,
-            &scratch.blocks,
-            &bodies,
-            inline_body,
-            &scratch.names,
-            selection.index,
-            &mut scratch.planned,
-        )
+        // The chosen candidate's body first: a site holding any candidate's `jmp` (as built, or
+        // as an earlier apply left it) is recognised without reading the other functions, which
+        // may need the decoder. Every body only when the site holds something else.
+        let mut bodies: Vec<Option<Block<'static>>> = vec![None; scratch.blocks.len()];
+        if let Some(chosen) = scratch.blocks.get(selection.index) {
+            bodies[selection.index] = trampoline_body(*chosen, len, memory);
+        }
+        let plan = |bodies: &[Option<Block<'static>>], planned: &mut Vec<u8>| {
+            plan::plan_trampoline_into(
+                site as u64,
+                current,
+                &scratch.blocks,
+                bodies,
+                inline_body,
+                &scratch.names,
+                selection.index,
+                planned,
+            )
+        };
+        match plan(&bodies, &mut scratch.planned) {
+            Err(plan::Refusal::UnexpectedBytes { .. }) => {
+                let bodies: Vec<Option<Block<'static>>> = scratch
+                    .blocks
+                    .iter()
+                    .map(|b| trampoline_body(*b, len, memory))
+                    .collect();
+                plan(&bodies, &mut scratch.planned)
+            }
+            planned => planned,
+        }
     } else {
         plan::plan_site_into(
             site as u64,

@@ -14,6 +14,7 @@ pub mod overrides;
 pub mod plan;
 pub mod record;
 pub mod report;
+mod scan;
 pub mod select;
 pub mod static_key;
 pub mod write;

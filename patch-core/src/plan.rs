@@ -16,6 +16,7 @@
 
 use core::fmt;
 
+use crate::scan::{self, Kind, Scan};
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Instruction,
     InstructionBlock, Mnemonic, OpKind,
@@ -291,6 +292,10 @@ fn relocated(block: Block<'_>, new_ip: u64) -> Result<Relocated<'_>, String> {
     if let Some((buf, len)) = relocate_lone_branch(block, new_ip) {
         return Ok(Relocated::Branch(buf, len));
     }
+    // Known plain instructions (the usual inline candidates): no decoder tables needed.
+    if scan::position_independent(block.bytes).is_some() {
+        return Ok(Relocated::Same(block.bytes));
+    }
     let mut instrs = decode(block)?;
     // Nothing relative (or nothing at all): the bytes mean the same anywhere.
     if instrs
@@ -548,6 +553,11 @@ pub fn plan_site_into(
         // filler. One instruction (or none) needs no instruction list.
         Some(shape) if redecodes_as(bytes, site_ip, shape, body_len) => shape,
         Some(_) => return Err(mismatch()),
+        // Known plain instructions: their boundaries, read without the decoder, end exactly at
+        // the filler (what decoding them again would check).
+        None if scanned_plain(&bytes[..body_len]) && is_known_filler(&bytes[body_len..]) => {
+            Shape::Inline { len: body_len }
+        }
         None => {
             let instrs = decode(Block {
                 bytes: &bytes[..body_len],
@@ -613,11 +623,21 @@ fn first_stop(site: Block<'_>, body_len: usize) -> Stop {
             },
         },
         _ => {
-            let first = first_instruction(site);
-            if first.len() < body_len {
+            let (len, leaves) = match scan::scan_one(bytes) {
+                Scan::Insn {
+                    len,
+                    kind: kind @ (Kind::Plain | Kind::RipRelative | Kind::Ret),
+                } => (len, kind == Kind::Ret),
+                _ => {
+                    let first = first_instruction(site);
+                    let leaves = matches!(first.mnemonic(), Mnemonic::Jmp | Mnemonic::Ret);
+                    (first.len(), leaves)
+                }
+            };
+            if len < body_len {
                 return Stop::Between;
             }
-            if matches!(first.mnemonic(), Mnemonic::Jmp | Mnemonic::Ret) {
+            if leaves {
                 return Stop::Nowhere;
             }
             body_len
@@ -628,6 +648,22 @@ fn first_stop(site: Block<'_>, body_len: usize) -> Stop {
     } else {
         Stop::Nowhere
     }
+}
+
+/// Whether `bytes` are whole known instructions that fall through (plain, RIP-relative or `ret`
+/// — no branch, which [`shape_of`] would read as a `call` or `jmp` shape).
+fn scanned_plain(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while at < bytes.len() {
+        match scan::scan_one(&bytes[at..]) {
+            Scan::Insn {
+                len,
+                kind: Kind::Plain | Kind::RipRelative | Kind::Ret,
+            } => at += len,
+            _ => return false,
+        }
+    }
+    !bytes.is_empty()
 }
 
 fn first_instruction(site: Block<'_>) -> Instruction {
@@ -686,6 +722,29 @@ pub fn plan_trampoline_into(
 /// once its RIP-relative operands are relocated, so a trampoline may hold a copy of it. `None`
 /// when `code` holds anything else before a `ret`, or no `ret` at all.
 pub fn straight_line_body(code: Block<'_>) -> Option<usize> {
+    // Known instructions first: most function starts need no decoder tables.
+    let mut at = 0;
+    while at < code.bytes.len() {
+        match scan::scan_one(&code.bytes[at..]) {
+            Scan::Insn {
+                len,
+                kind: Kind::Plain | Kind::RipRelative,
+            } => at += len,
+            Scan::Insn {
+                len,
+                kind: Kind::Ret,
+            } => return Some(at + len),
+            Scan::Insn {
+                kind: Kind::Branch, ..
+            }
+            | Scan::Truncated => return None,
+            Scan::Unknown => return decoded_straight_line_body(code),
+        }
+    }
+    None
+}
+
+fn decoded_straight_line_body(code: Block<'_>) -> Option<usize> {
     let mut decoder = Decoder::with_ip(64, code.bytes, code.ip, DecoderOptions::NONE);
     while decoder.can_decode() {
         let instr = decoder.decode();
@@ -695,32 +754,36 @@ pub fn straight_line_body(code: Block<'_>) -> Option<usize> {
         if instr.code() == Code::Retnq {
             return Some(decoder.position());
         }
-        let leaves = is_near_branch(&instr)
-            || matches!(
-                instr.mnemonic(),
-                Mnemonic::Jmp
-                    | Mnemonic::Call
-                    | Mnemonic::Ret
-                    | Mnemonic::Retf
-                    | Mnemonic::Int3
-                    | Mnemonic::Int
-                    | Mnemonic::Int1
-                    | Mnemonic::Into
-                    | Mnemonic::Ud0
-                    | Mnemonic::Ud1
-                    | Mnemonic::Ud2
-                    | Mnemonic::Iret
-                    | Mnemonic::Iretd
-                    | Mnemonic::Iretq
-                    | Mnemonic::Syscall
-                    | Mnemonic::Sysenter
-                    | Mnemonic::Hlt
-            );
-        if leaves {
+        if leaves_straight_line(&instr) {
             return None;
         }
     }
     None
+}
+
+/// Whether `instr` branches, calls, returns or traps: it ends a straight-line body.
+pub(crate) fn leaves_straight_line(instr: &Instruction) -> bool {
+    is_near_branch(instr)
+        || matches!(
+            instr.mnemonic(),
+            Mnemonic::Jmp
+                | Mnemonic::Call
+                | Mnemonic::Ret
+                | Mnemonic::Retf
+                | Mnemonic::Int3
+                | Mnemonic::Int
+                | Mnemonic::Int1
+                | Mnemonic::Into
+                | Mnemonic::Ud0
+                | Mnemonic::Ud1
+                | Mnemonic::Ud2
+                | Mnemonic::Iret
+                | Mnemonic::Iretd
+                | Mnemonic::Iretq
+                | Mnemonic::Syscall
+                | Mnemonic::Sysenter
+                | Mnemonic::Hlt
+        )
 }
 
 fn mismatch() -> Refusal {
@@ -733,6 +796,13 @@ fn mismatch() -> Refusal {
 /// Whether `bytes` (at `ip`) decode as `shape`'s single branch of `body_len` bytes, or nothing,
 /// followed by filler only.
 fn redecodes_as(bytes: &[u8], ip: u64, shape: Shape, body_len: usize) -> bool {
+    // `e8`/`e9` rel32 and `eb` rel8 decode as exactly the branch `simple_shape` read off them.
+    if matches!(shape, Shape::Call { .. } | Shape::Jump { .. })
+        && simple_shape(&bytes[..body_len], ip) == Some(shape)
+        && is_known_filler(&bytes[body_len..])
+    {
+        return true;
+    }
     let body_ok = match shape {
         Shape::Nop => body_len == 0,
         Shape::Call { target } | Shape::Jump { target } => {
