@@ -7,6 +7,7 @@
 use core::fmt;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use raw_cpuid::{
     CpuId, CpuIdReader, CpuIdResult, ExtendedFeatures, ExtendedProcessorFeatureIdentifiers,
@@ -60,6 +61,13 @@ impl CpuidSource for NativeCpuid {
         if self.cpuid(0, 0)[EAX] < 1 || self.cpuid(1, 0)[ECX] & LEAF1_ECX_OSXSAVE == 0 {
             return None;
         }
+        NativeCpuid::xgetbv0()
+    }
+}
+
+impl NativeCpuid {
+    /// XCR0 by `XGETBV(0)`; the caller has checked CPUID.1:ECX.OSXSAVE.
+    pub(crate) fn xgetbv0() -> Option<u64> {
         #[cfg(target_arch = "x86_64")]
         {
             let (eax, edx): (u32, u32);
@@ -484,23 +492,65 @@ impl<S: CpuidSource + ?Sized> CpuIdReader for Reader<'_, S> {
 }
 
 /// One snapshot of the CPU and OS support, taken once at startup.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Cpu {
     vendor: String,
     features: FeatureSet,
-    hypervisor: Option<Hypervisor>,
+    /// Set at detection, except for [`Cpu::detect`] under a hypervisor: its vendor leaves are
+    /// read by the CPUID instruction when a predicate (or the report) first asks.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "serialize_hypervisor"))]
+    hypervisor: OnceLock<Option<Hypervisor>>,
 }
+
+#[cfg(feature = "serde")]
+fn serialize_hypervisor<S: serde::Serializer>(
+    hypervisor: &OnceLock<Option<Hypervisor>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&resolve_hypervisor(hypervisor), serializer)
+}
+
+fn resolve_hypervisor(hypervisor: &OnceLock<Option<Hypervisor>>) -> Option<&Hypervisor> {
+    hypervisor
+        .get_or_init(|| Hypervisor::scan(&Memo::new(&NativeCpuid)))
+        .as_ref()
+}
+
+impl PartialEq for Cpu {
+    fn eq(&self, other: &Cpu) -> bool {
+        self.vendor == other.vendor
+            && self.features == other.features
+            && self.hypervisor() == other.hypervisor()
+    }
+}
+
+impl Eq for Cpu {}
 
 impl Cpu {
     /// Detects the CPU this program runs on (no features and no hypervisor off x86_64).
+    ///
+    /// Issues as few CPUID instructions as it can, since in a VM guest each is a VM exit: leaves
+    /// 1, 7 and 0x8000_0001 come from the C library's copy where it has one
+    /// ([`GlibcCpuid`](crate::os::glibc_cpuid::GlibcCpuid)), and the hypervisor's vendor leaves
+    /// are read only when a predicate or the report asks about the hypervisor.
     pub fn detect() -> Cpu {
-        Cpu::from_source(&NativeCpuid)
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let source = crate::os::glibc_cpuid::GlibcCpuid::new();
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let source = NativeCpuid;
+        Cpu::from_source_with(&source, false)
     }
 
     /// Detects from any CPUID source: feature bits, masked by the OS-enabled XCR0 state, plus the
     /// hypervisor.
     pub fn from_source(source: &impl CpuidSource) -> Cpu {
+        Cpu::from_source_with(source, true)
+    }
+
+    /// `scan_now`: read the hypervisor leaves from `source` now, rather than from the CPUID
+    /// instruction when first asked.
+    fn from_source_with(source: &impl CpuidSource, scan_now: bool) -> Cpu {
         let source = &Memo::new(source);
         let cpuid = CpuId::with_cpuid_reader(Reader(source));
         let vendor = cpuid.get_vendor_info();
@@ -521,12 +571,17 @@ impl Cpu {
             .copied()
             .filter(|&f| leaves.has(f) && os_has(os_state_needed(f)))
             .collect();
-        let hypervisor = l1(FeatureInfo::has_hypervisor).then(|| Hypervisor::scan(source));
+        let hypervisor = OnceLock::new();
+        if !l1(FeatureInfo::has_hypervisor) {
+            let _ = hypervisor.set(None);
+        } else if scan_now {
+            let _ = hypervisor.set(Hypervisor::scan(source));
+        }
         let vendor = vendor.to_owned();
         Cpu {
             vendor,
             features,
-            hypervisor: hypervisor.flatten(),
+            hypervisor,
         }
     }
 
@@ -536,7 +591,7 @@ impl Cpu {
         Cpu {
             vendor: String::new(),
             features,
-            hypervisor,
+            hypervisor: OnceLock::from(hypervisor),
         }
     }
 
@@ -552,7 +607,7 @@ impl Cpu {
 
     /// The hypervisor, if the hypervisor bit is set and a vendor leaf was found.
     pub fn hypervisor(&self) -> Option<&Hypervisor> {
-        self.hypervisor.as_ref()
+        resolve_hypervisor(&self.hypervisor)
     }
 
     /// The CPU vendor string (`"GenuineIntel"`, `"AuthenticAMD"`; `""` for synthetic CPUs).
@@ -593,7 +648,7 @@ impl fmt::Display for Cpu {
             "vendor {vendor}; features [{}]; hypervisor ",
             self.features
         )?;
-        let Some(hv) = &self.hypervisor else {
+        let Some(hv) = self.hypervisor() else {
             return f.write_str("none");
         };
         let (kind, signature, base) = (hv.kind, hv.signature_str(), hv.base_leaf);

@@ -1,6 +1,8 @@
 //! Operating-system concerns, one file per OS.
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod glibc_cpuid;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod linux;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod valgrind;
