@@ -1,9 +1,11 @@
 //! # altpatch: x86 alternatives for userland Rust
 //!
-//! Mark hot code with [`alternative`]; call [`apply_patches()`] once at startup. altpatch inspects
-//! the machine (CPUID features, hypervisor, `ALTPATCH` overrides) and rewrites the program's own
-//! machine code so each site runs the best variant at the cost of native code: a direct `call`, the
-//! variant's instructions inline, or NOPs. No function-pointer load, no branch per call.
+//! Mark hot code with [`alternative`]; that is all. When the program (or a shared library holding
+//! sites) is loaded, altpatch inspects the machine (CPUID features, hypervisor, `ALTPATCH`
+//! overrides) and rewrites its own machine code so each site runs the best variant at the cost of
+//! native code: a direct `call`, the variant's instructions inline, or NOPs. No function-pointer
+//! load, no branch per call, and no call in `main` required: a library with sites is patched in
+//! every program that uses it, and in its own `cargo test`.
 //!
 //! ```
 //! #[altpatch::alternative(inline, popcnt => asm("popcnt rax, rdi"))]
@@ -18,16 +20,34 @@
 //!     n
 //! }
 //!
+//! // Already patched at load; apply_patches() is optional and returns the same report.
 //! let report = altpatch::apply_patches();
 //! assert_eq!(popcount(0b1011), 3);
 //! println!("{report}");
 //! ```
 //!
+//! ## Load-time apply
+//!
+//! Every linked object applies its own sites from an `.init_array` initializer, as the dynamic
+//! linker resolves IFUNCs: the executable before `main`, while only one thread exists, and each
+//! shared library when it is loaded (a Rust `cdylib` carries its own copy of altpatch and of its
+//! records; opened by `dlopen` while threads run, it patches under the live protocol, and a site
+//! whose rewrite needs a single thread stays on its default, saying so). The initializer reads
+//! `ALTPATCH`/`ALTPATCH_LOG`, `/proc/self/maps` and `/proc/self/status`, allocates and writes the
+//! sites; it prints nothing unless `ALTPATCH_LOG` asks, starts no thread, and no panic leaves it.
+//! An object without sites pays nothing. [`apply_patches()`] stays: idempotent, it returns the
+//! load-time report ([`applied_report()`] too). `ALTPATCH=off` leaves every site on its default;
+//! the `manual-apply` cargo feature removes the initializer, so sites wait for
+//! [`apply_patches()`] (or a [`Patcher`]) and a program decides when patching happens.
+//! The first apply costs tens of microseconds for a small program: CPU features are read from
+//! the C library's copy of CPUID, the hypervisor leaves only when a predicate asks, and the
+//! common site shapes are verified byte for byte without building the decoder's tables.
+//!
 //! ## How it works
 //!
 //! Each call of `popcount` above is compiled to a *site*: `call <default>` padded at build time
 //! to the longest candidate, plus a record in the `altpatch_sites_v0_1` linker section. On a CPU with
-//! POPCNT, `apply_patches()` turns
+//! POPCNT, the load-time apply turns
 //!
 //! ```text
 //! e8 xx xx xx xx    call popcount::__altpatch_default_popcount
@@ -54,8 +74,9 @@
 //!
 //! ## Overrides: `ALTPATCH`
 //!
-//! `ALTPATCH` changes what [`apply_patches()`] selects, for tests and operations; it is read
-//! once, by the first call ([`Patcher::overrides_str`] takes the same text for a re-apply).
+//! `ALTPATCH` changes what the first apply selects, for tests and operations; it is read once,
+//! by the load-time apply (or the first [`apply_patches()`] with `manual-apply`);
+//! [`Patcher::overrides_str`] takes the same text for a re-apply.
 //!
 //! **Syntax.** Items separated by `,`, in any order; whitespace around an item and around its
 //! `=` is ignored. There is no quoting: names are identifiers (`::`-joined for sites) and no
@@ -78,7 +99,7 @@
 //! returns it. Nothing panics.
 //!
 //! `ALTPATCH_LOG` set to anything but empty, `0`, `false`, `no` or `off` (any case) prints the
-//! report to stderr when [`apply_patches()`] runs.
+//! report to stderr when the first apply runs (at load, by default).
 //!
 //! ## The report
 //!
@@ -107,7 +128,7 @@ pub use patch_core::{
 pub use patch_core::{applied_report, apply_patches, try_apply_patches};
 
 /// Makes a function patchable: its body is the portable default, the listed candidates are
-/// chosen at startup by [`apply_patches()`].
+/// chosen when the program is loaded (see "Load-time apply").
 ///
 /// **Trampoline mode** (the default) works for any non-generic function or method (methods
 /// need [`#[alternative_impl]`](macro@alternative_impl) on their impl block): callers make a
@@ -270,6 +291,33 @@ pub use patch_macros::alternative;
 /// compile error that asks for it; an associated function that does neither is expanded like a
 /// free function, named `module::function`.
 pub use patch_macros::alternative_impl;
+
+/// Turns the load-time apply off for the program (or test binary) whose crate root invokes it:
+/// its sites run their defaults until it calls [`apply_patches()`] or a [`Patcher`].
+///
+/// The `manual-apply` cargo feature does the same for every object built with it, and cargo
+/// unifies features across a build; this macro is for one binary. Invoke it once, in a binary or
+/// test crate, never in a library (it defines the symbol `__altpatch_manual_apply`, which the
+/// load-time initializer looks for).
+///
+/// ```
+/// altpatch::manual_apply!();
+///
+/// fn main() {
+///     // ... set things up, then patch when this program decides:
+///     altpatch::apply_patches();
+/// }
+/// ```
+#[macro_export]
+macro_rules! manual_apply {
+    () => {
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        #[unsafe(no_mangle)]
+        #[used]
+        static __altpatch_manual_apply: u8 = 0;
+    };
+}
 
 /// Multi-way inline assembly, like the kernel's `ALTERNATIVE_2/_3`: the default instructions
 /// and candidates with predicates, padded at build time to the longest, operands bound as in

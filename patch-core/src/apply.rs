@@ -17,7 +17,7 @@ use crate::select::{self, Reason, Selection};
 use crate::static_key::{KeyError, KeyUpdate, StaticKey};
 use crate::write::{SiteBytes, SiteWrite, TextWriter};
 
-/// `ALTPATCH_LOG=1` prints the report to stderr when `apply_patches()` runs; unset, empty, `0`,
+/// `ALTPATCH_LOG=1` prints the report to stderr when the first `apply_patches()` runs (at load); unset, empty, `0`,
 /// `false`, `no` and `off` (any case) leave it off.
 pub const LOG_ENV_VAR: &str = "ALTPATCH_LOG";
 
@@ -110,7 +110,11 @@ fn env_unless_known() -> Option<Result<Overrides, OverrideError>> {
 
 static APPLIED: OnceLock<Report> = OnceLock::new();
 
-/// Selects and patches every site, once per process; later calls return the same report.
+/// Selects and patches every site of this object (the program, or the shared library this copy
+/// of the crate is linked into), once; later calls return the same report.
+///
+/// The load-time initializer ([`crate::load`]) calls it before `main`, so a program need not:
+/// it then returns the load-time report.
 ///
 /// Concurrent callers wait for the first. Configuration comes from `ALTPATCH`; a malformed value
 /// patches nothing and is reported: printed to stderr once, here, and in the report (see

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod arch;
 pub mod cpu;
 pub mod feature;
+pub mod load;
 mod lock;
 pub mod os;
 pub mod overrides;

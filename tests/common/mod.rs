@@ -6,6 +6,10 @@ pub mod child;
 mod fork;
 pub mod seccomp;
 
+// These tests drive the engine from the bytes as built: no load-time apply in their binaries
+// (tests/load_time_apply.rs and the library-pattern example test the load-time apply itself).
+altpatch::manual_apply!();
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 

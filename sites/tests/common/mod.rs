@@ -4,6 +4,10 @@
 
 #[path = "../../../tests/common/fork.rs"]
 mod fork;
+
+// These tests drive the engine from the bytes as built: no load-time apply in their binaries
+// (tests/load_time_apply.rs and the library-pattern example test the load-time apply itself).
+altpatch::manual_apply!();
 #[allow(unused_imports)]
 pub use fork::in_forked_child;
 
