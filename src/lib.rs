@@ -33,8 +33,8 @@
 //! shared library when it is loaded (a Rust `cdylib` carries its own copy of altpatch and of its
 //! records; opened by `dlopen` while threads run, it patches under the live protocol, and a site
 //! whose rewrite needs a single thread stays on its default, saying so). The initializer reads
-//! `ALTPATCH`/`ALTPATCH_LOG`, `/proc/self/maps` and `/proc/self/status`, allocates and writes the
-//! sites; it prints nothing unless `ALTPATCH_LOG` asks, starts no thread, and no panic leaves it.
+//! `ALTPATCH`/`ALTPATCH_LOG`, the loaded segments and `/proc/self/task`, allocates and writes
+//! the sites; it prints nothing unless `ALTPATCH_LOG` asks, starts no thread, and no panic leaves it.
 //! An object without sites pays nothing. [`apply_patches()`] stays: idempotent, it returns the
 //! load-time report ([`applied_report()`] too). `ALTPATCH=off` leaves every site on its default;
 //! the `manual-apply` cargo feature removes the initializer, so sites wait for

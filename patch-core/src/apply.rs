@@ -250,7 +250,15 @@ impl Patcher {
         let detected = self.cpu.unwrap_or_else(Cpu::detect);
         let (overrides, cpu, error) = resolve(self.overrides, detected, records);
         let reasons = state.reasons.get_or_insert_with(HashSet::new);
-        let mut writer = self.writer.unwrap_or_else(default_writer);
+        let memory = std::sync::Arc::new(memory_map(records));
+        let mut writer = self
+            .writer
+            // At load, initializers run one at a time, so the map just read is what the pages
+            // hold; later, another copy of this crate may be mid-batch, and the writer reads the
+            // protection under its text lock.
+            .unwrap_or_else(|| {
+                default_writer(crate::load::applying_at_load().then(|| memory.clone()))
+            });
         let disabled = disabled_reason(&overrides, error.as_ref());
         // What this apply may do: nothing at all (no patching in this build: nothing was ever
         // written, so every site holds its default as built), only look (an error: nothing is
@@ -295,7 +303,6 @@ impl Patcher {
         // Every site gets a report entry: fault the pages in with one call, not one fault each.
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         crate::os::linux::prefault(&mut report.sites);
-        let memory = crate::os::memory_map();
         // Inlined copies share their descriptor, so they share its selection and its reason: the
         // reason is made once per descriptor, and a copy's report entry borrows it (no allocation
         // and no reference count per site).
@@ -304,6 +311,9 @@ impl Patcher {
             made: HashMap::default(),
             reasons,
         };
+        // "<predicate> holds" by the predicate's source text: descriptors written alike share
+        // it, so a first apply formats (and interns) each once, not once per descriptor.
+        let mut holds: HashMap<&'static str, &'static str> = HashMap::new();
         let mut scratch = Scratch {
             // `off` puts back the bytes as built: a trampoline's `jmp`, not a copy of the
             // default's body.
@@ -328,11 +338,18 @@ impl Patcher {
                         reason: Reason::Off,
                     }
                 };
+                let mut interned = |why| match why_selected(desc, why) {
+                    Cow::Borrowed(why) => why,
+                    Cow::Owned(why) => intern(suffixed.reasons, why),
+                };
+                let why = match (&selection.reason, desc.candidates.get(selection.index)) {
+                    (Reason::PredicateHolds, Some(chosen)) => *holds
+                        .entry(chosen.predicate_text)
+                        .or_insert_with(|| interned(&selection)),
+                    _ => interned(&selection),
+                };
                 Selected {
-                    why: match why_selected(desc, &selection) {
-                        Cow::Borrowed(why) => why,
-                        Cow::Owned(why) => intern(suffixed.reasons, why),
-                    },
+                    why,
                     selection,
                     already_in_place: None,
                     restored: None,
@@ -413,17 +430,37 @@ impl Patcher {
     }
 }
 
-fn default_writer() -> Box<dyn TextWriter> {
+/// The process's mappings: at load, the loaded segments (no system call; checked to hold this
+/// object's first site), otherwise `/proc/self/maps`.
+fn memory_map(records: &[SiteRecord]) -> crate::os::MemoryMap {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if crate::load::applying_at_load() {
+        let segments = crate::os::loaded_segments();
+        if records
+            .first()
+            .is_some_and(|r| segments.is_executable(r.site_addr(), usize::from(r.len)))
+        {
+            return segments;
+        }
+    }
+    crate::os::memory_map()
+}
+
+/// The default writer; given the map this apply read, it restores page protections from it
+/// instead of reading `/proc/self/maps` again.
+fn default_writer(memory: Option<std::sync::Arc<crate::os::MemoryMap>>) -> Box<dyn TextWriter> {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         use crate::os::linux::{MprotectWriter, ProcMemWriter};
+        let mprotect = memory.map_or_else(MprotectWriter::default, MprotectWriter::with_map);
         Box::new(crate::write::FallbackWriter::new(
-            MprotectWriter::default(),
+            mprotect,
             ProcMemWriter::default(),
         ))
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     {
+        let _ = memory;
         Box::new(crate::os::NoWriter)
     }
 }
@@ -890,7 +927,7 @@ pub(crate) fn update_key(key: &'static StaticKey, enabled: bool) -> Result<KeyUp
         }
     }
     if !writes.is_empty() {
-        let mut writer = default_writer();
+        let mut writer = default_writer(None);
         let (results, _) = crate::write::write_batch_all_or_none(&writes, writer.as_mut());
         if let Some(Err(why)) = results.into_iter().find(Result::is_err) {
             return Err(refused(why));

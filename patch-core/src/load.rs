@@ -7,8 +7,9 @@
 //! no call in anybody's `main`, and its own `cargo test` runs patched.
 //!
 //! What the initializer may do, and does: read `ALTPATCH` and `ALTPATCH_LOG`, detect the CPU,
-//! read `/proc/self/maps` and `/proc/self/status`, allocate, change page protections and write
-//! the sites. What it may not do, and does not: print anything unless `ALTPATCH_LOG` asks (or
+//! list the loaded segments (`dl_iterate_phdr`, in place of `/proc/self/maps`), read
+//! `/proc/self/task` (the thread count), allocate, change page protections and write the
+//! sites. What it may not do, and does not: print anything unless `ALTPATCH_LOG` asks (or
 //! `ALTPATCH` is malformed: its error, once), start
 //! threads, or let a panic cross into the C runtime (one is caught and the sites keep what they
 //! ran; apply itself never panics). A library opened while other threads run patches under the
@@ -25,6 +26,8 @@
 //! The initializer is a `#[used]` static in `.init_array`: rustc keeps `#[used]` statics of
 //! every linked crate (its synthetic `symbols.o` references them), and linkers keep
 //! `.init_array` whatever `--gc-sections` drops, with or without LTO.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// The `.init_array` entry: glibc passes `argc`, `argv` and `envp`, unused here.
 #[cfg(all(
@@ -60,9 +63,20 @@ extern "C" fn apply_at_load(
         return;
     }
     // Apply never panics; should it, the sites keep what they ran and the panic stops here.
+    AT_LOAD.store(true, Relaxed);
     let _ = std::panic::catch_unwind(|| {
         crate::apply::apply_patches();
     });
+    AT_LOAD.store(false, Relaxed);
+}
+
+/// Set while the initializer applies (only one thread runs then, or the dynamic linker holds
+/// its lock for `dlopen`).
+static AT_LOAD: AtomicBool = AtomicBool::new(false);
+
+/// Whether this apply is the load-time one: the mappings are then exactly the loaded segments.
+pub(crate) fn applying_at_load() -> bool {
+    AT_LOAD.load(Relaxed)
 }
 
 /// Whether this build applies at load (`false` with the `manual-apply` feature, or where there is

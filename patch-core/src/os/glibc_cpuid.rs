@@ -69,7 +69,9 @@ impl GlibcCpuid {
 
 impl CpuidSource for GlibcCpuid {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let cached = GLIBC_LEAVES.iter().position(|&(_, l)| l == leaf && subleaf == 0);
+        let cached = GLIBC_LEAVES
+            .iter()
+            .position(|&(_, l)| l == leaf && subleaf == 0);
         if let (Some(leaves), Some(i)) = (&self.leaves, cached) {
             return leaves[i];
         }

@@ -29,6 +29,62 @@ use crate::write::{ActiveSite, TextWriter};
 pub struct MprotectWriter {
     restore: Vec<(Range<usize>, region::Protection)>,
     lock: Option<TextLock>,
+    /// The mappings the load-time apply read just before, so `prepare` need not read
+    /// `/proc/self/maps` again; pages it does not cover are queried.
+    known: Option<std::sync::Arc<crate::os::MemoryMap>>,
+}
+
+impl MprotectWriter {
+    /// A writer that takes the pages' original protection from `map`, read by the same apply
+    /// when no other batch can run (at load: initializers run one at a time), since it is read
+    /// outside [`TextLock`].
+    pub fn with_map(map: std::sync::Arc<crate::os::MemoryMap>) -> MprotectWriter {
+        MprotectWriter {
+            known: Some(map),
+            ..MprotectWriter::default()
+        }
+    }
+
+    fn original_protection(
+        &self,
+        pages: &Range<usize>,
+    ) -> Result<Vec<(Range<usize>, region::Protection)>, String> {
+        if let Some(known) = self
+            .known
+            .as_ref()
+            .and_then(|m| m.permissions(pages.clone()))
+        {
+            return Ok(known
+                .into_iter()
+                .map(|(range, p)| {
+                    let mut protection = region::Protection::NONE;
+                    for (on, flag) in [
+                        (p.read, region::Protection::READ),
+                        (p.write, region::Protection::WRITE),
+                        (p.exec, region::Protection::EXECUTE),
+                    ] {
+                        if on {
+                            protection |= flag;
+                        }
+                    }
+                    (range, protection)
+                })
+                .collect());
+        }
+        let regions = region::query_range(pages.start as *const u8, pages.len())
+            .and_then(|regions| regions.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot query page protection: {e}"))?;
+        Ok(regions
+            .into_iter()
+            .map(|r| {
+                let range = r.as_range();
+                (
+                    range.start.max(pages.start)..range.end.min(pages.end),
+                    r.protection(),
+                )
+            })
+            .collect())
+    }
 }
 
 impl TextWriter for MprotectWriter {
@@ -38,9 +94,7 @@ impl TextWriter for MprotectWriter {
 
     fn prepare(&mut self, pages: Range<usize>) -> Result<(), String> {
         self.lock.get_or_insert_with(TextLock::acquire);
-        let original = region::query_range(pages.start as *const u8, pages.len())
-            .and_then(|regions| regions.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("cannot query page protection: {e}"))?;
+        let original = self.original_protection(&pages)?;
         // SAFETY: the range holds the program's own code; adding write permission does not change
         // what executes, and `finish` restores the original protection.
         unsafe {
@@ -51,11 +105,7 @@ impl TextWriter for MprotectWriter {
             )
         }
         .map_err(|e| format!("mprotect(PROT_READ|PROT_WRITE|PROT_EXEC) refused: {e}"))?;
-        for r in original {
-            let range = r.as_range();
-            let clipped = range.start.max(pages.start)..range.end.min(pages.end);
-            self.restore.push((clipped, r.protection()));
-        }
+        self.restore.extend(original);
         Ok(())
     }
 
