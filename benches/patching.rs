@@ -1,14 +1,21 @@
 //! What patching costs: `Patcher::apply()` over 10,000 sites writing 100, 1,000 or 10,000 of
-//! them, single-threaded and with a busy thread; and a static key toggle with 1, 100 and 1,000
-//! branch sites while threads run them.
+//! them, single-threaded and with a busy thread; a static key toggle with 1, 100 and 1,000
+//! branch sites while threads run them; the first apply of a cold process, small programs with 1
+//! and 100 sites (`examples/hello_altpatch.rs`, `examples/startup_sites.rs`, which report their
+//! own load-time apply); and a hello world's CPU time with altpatch against one without
+//! (`examples/hello_plain.rs`).
 //!
-//! `cargo bench --bench patching`; `cargo test --benches` runs it once as a check.
+//! `cargo build --release --examples && cargo bench --bench patching`; `cargo test --benches`
+//! runs it once as a check.
 
 #[path = "ratios.rs"]
 mod ratios;
 
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use altpatch::{Cpu, Patcher, StaticKey};
 use criterion::Criterion;
@@ -133,8 +140,127 @@ fn minor_faults() -> i64 {
     usage.ru_minflt
 }
 
+/// CPU time (user + system) of this process's waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value, and getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// The examples beside this bench's profile directory, if built (`cargo test` builds them;
+/// `cargo bench` needs `cargo build --release --examples` first).
+fn example(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("examples").join(name);
+    path.exists().then_some(path)
+}
+
+/// Runs `program` to completion and returns its stdout and its CPU time.
+fn run_child(program: &Path, env: &[(&str, &str)]) -> (String, Duration) {
+    let before = children_cpu();
+    let out = Command::new(program)
+        .envs(env.iter().copied())
+        .env_remove("ALTPATCH")
+        .env_remove("ALTPATCH_LOG")
+        .output()
+        .expect("run the example");
+    assert!(out.status.success(), "{out:?}");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        children_cpu() - before,
+    )
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The first apply of a cold process (detection + apply, as its load-time initializer ran them),
+/// reported by the process itself: median and range over `runs` processes.
+fn cold_first_apply(runs: usize) {
+    for (name, target_us) in [("hello_altpatch", 65.0), ("startup_sites", 65.0)] {
+        let Some(program) = example(name) else {
+            println!(
+                "first apply, cold process: examples/{name} not built (cargo build --release --examples)"
+            );
+            continue;
+        };
+        let mut micros = Vec::with_capacity(runs);
+        let mut sites = String::new();
+        for _ in 0..runs {
+            let (out, _) = run_child(&program, &[("STARTUP_REPORT", "1")]);
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("apply_ns="))
+                .expect("report line");
+            let mut fields = line.split(' ');
+            let ns: f64 = fields.next().unwrap()["apply_ns=".len()..].parse().unwrap();
+            micros.push(ns / 1e3);
+            sites = fields.collect::<Vec<_>>().join(" ");
+        }
+        let (min, max) = (
+            micros.iter().copied().fold(f64::MAX, f64::min),
+            micros.iter().copied().fold(0.0, f64::max),
+        );
+        let med = median(&mut micros);
+        let verdict = if med <= target_us { "ok" } else { "MISSED" };
+        println!(
+            "first apply, cold process, {name} ({sites}): median {med:.1} us, {min:.1}-{max:.1} over {runs} runs (target <= {target_us} us) {verdict}"
+        );
+    }
+}
+
+/// A hello world's whole-process CPU time with altpatch (one site, applied at load) over one
+/// without altpatch linked: median of `pairs` paired runs, the order alternating within pairs.
+fn hello_cpu_ratio(pairs: usize) {
+    let (Some(with), Some(without)) = (example("hello_altpatch"), example("hello_plain")) else {
+        println!("hello-world CPU time: examples not built (cargo build --release --examples)");
+        return;
+    };
+    let (mut ratios, mut with_us, mut without_us) = (vec![], vec![], vec![]);
+    for i in 0..pairs {
+        let (a, b) = if i % 2 == 0 {
+            let a = run_child(&with, &[]).1;
+            (a, run_child(&without, &[]).1)
+        } else {
+            let b = run_child(&without, &[]).1;
+            (run_child(&with, &[]).1, b)
+        };
+        with_us.push(a.as_secs_f64() * 1e6);
+        without_us.push(b.as_secs_f64() * 1e6);
+        ratios.push(a.as_secs_f64() / b.as_secs_f64().max(1e-9));
+    }
+    let ratio = median(&mut ratios);
+    let verdict = if ratio <= 1.05 { "ok" } else { "MISSED" };
+    println!(
+        "hello-world CPU time: with altpatch {:.0} us, without {:.0} us (medians); median ratio {ratio:.3} over {pairs} pairs (target <= 1.05) {verdict}",
+        median(&mut with_us),
+        median(&mut without_us),
+    );
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
+    // Under `cargo test --benches` (no `--bench` argument) criterion runs each bench once; the
+    // process rows likewise run only a few times.
+    let check_only = !std::env::args().any(|a| a == "--bench");
+    cold_first_apply(if check_only { 3 } else { 101 });
+    hello_cpu_ratio(if check_only { 3 } else { 201 });
+    // This process applied its 11,101 sites at load, cold: that is its first apply.
+    if let Some(at_load) = altpatch::applied_report() {
+        println!(
+            "first apply (at load) of this binary: {:.2?} for {} sites ({} written)",
+            at_load.elapsed,
+            at_load.sites.len(),
+            at_load.sites.iter().filter(|s| s.written()).count()
+        );
+    }
     let cpu = Cpu::detect();
     let faults_before = minor_faults();
     let first = Patcher::new()
@@ -153,7 +279,7 @@ fn main() {
         first.sites.len()
     );
     println!(
-        "first apply: {:.2?} for {} sites ({} written), {first_faults} page faults",
+        "first Patcher::apply in main: {:.2?} for {} sites ({} written), {first_faults} page faults",
         first.elapsed,
         first.sites.len(),
         first.sites.iter().filter(|s| s.written()).count()

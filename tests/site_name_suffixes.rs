@@ -5,6 +5,10 @@ use std::hint::black_box;
 
 use altpatch::{Cpu, Feature, OverrideError, Patcher, Report};
 
+// The sites start as built (no load-time apply in this binary): the first assertion reads the
+// defaults' results.
+altpatch::manual_apply!();
+
 // Each candidate is one 5-byte instruction (a `ds` prefix pads the 4-byte `lea`), so sites switch
 // while the harness's other threads run.
 
