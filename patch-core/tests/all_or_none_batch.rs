@@ -129,6 +129,12 @@ fn a_failed_write_puts_back_the_whole_live_batch() {
 
 #[test]
 fn a_failed_write_puts_back_the_whole_direct_batch() {
+    // The decoder's tables are built once per process, under a lock: built here first, so the
+    // fork cannot copy that lock held by the other test's thread (the child would wait forever).
+    let _ = patch_core::plan::decode(patch_core::plan::Block {
+        bytes: &[0x90],
+        ip: 0,
+    });
     // SAFETY: the child runs the check on its own copy of memory, then `_exit`s.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);

@@ -6,6 +6,10 @@ use std::io::Write;
 /// at a program's start, rather than with the live protocol the harness's threads call for. The
 /// child's text is its own copy; the parent's stays as it was. Panics if `check` panicked.
 pub fn in_forked_child(check: impl FnOnce()) {
+    // iced-x86 builds its decoder tables once per process under a lock, on the first decode
+    // (the planner reaches it only for uncommon shapes, so possibly first in the child): built
+    // here first, so the fork cannot copy that lock held by another test's thread.
+    let _ = iced_x86::Decoder::new(64, &[0x90], iced_x86::DecoderOptions::NONE).decode();
     // SAFETY: the child runs `check`, then `_exit`s; it never returns into the harness.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
