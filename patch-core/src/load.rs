@@ -1,7 +1,7 @@
 //! Load-time apply: every linked object applies its own sites as it is loaded.
 //!
 //! An executable, and each shared library at `dlopen` (a Rust `cdylib` carries its own copy of
-//! this crate and its own site records), runs [`apply_at_load`] from its `.init_array`: for the
+//! this crate and its own site records), runs `apply_at_load` from its `.init_array`: for the
 //! executable before `main`, while only one thread exists, as the dynamic linker resolves
 //! IFUNCs and the kernel applies alternatives before other CPUs start. A library therefore needs
 //! no call in anybody's `main`, and its own `cargo test` runs patched.
