@@ -314,7 +314,10 @@ pub fn assert_report_matches_bytes(report: &altpatch::Report) {
 /// and the test fails, as it does when the child crashes or fails.
 pub fn run_child_entry_within(env: &[(&str, &str)], limit: std::time::Duration) -> String {
     use std::io::Read;
+    use std::os::unix::process::CommandExt;
     let mut child = child_entry_command(env)
+        // A group of its own: a hung child's own children (which hold the pipes) die with it.
+        .process_group(0)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -335,7 +338,8 @@ pub fn run_child_entry_within(env: &[(&str, &str)], limit: std::time::Duration) 
             break Some(status);
         }
         if std::time::Instant::now() > end {
-            let _ = child.kill();
+            // SAFETY: kills the process group this function started (the child's pid is its id).
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             let _ = child.wait();
             break None;
         }
