@@ -39,7 +39,7 @@ fn child_entry() {
     let run = match std::env::var("ALTPATCH_TEST_BLOCKED").unwrap().as_str() {
         "one_worker" => {
             let first = std::sync::atomic::AtomicBool::new(true);
-            toggle_while_running(2, 50, Duration::from_secs(10), || {
+            toggle_while_running(2, 5, Duration::from_secs(10), || {
                 if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
                     block(&[libc::SIGTRAP]);
                 }
@@ -47,7 +47,7 @@ fn child_entry() {
         }
         "sigwait_layout" => {
             block_all();
-            toggle_while_running(2, 50, Duration::from_secs(10), || {})
+            toggle_while_running(2, 5, Duration::from_secs(10), || {})
         }
         other => panic!("unknown case {other}"),
     };
