@@ -30,7 +30,10 @@ fn toggling_while_threads_run_under_valgrind() {
         return;
     }
     let run = run_bounded(
-        &["valgrind", "-q", "--error-exitcode=0"],
+        // Fair scheduling: valgrind runs one thread at a time, and its default lock lets the
+        // spinning workers take it back again and again, stalling a `set()` for seconds (4 to
+        // 15 s seen on an idle machine; past this limit on a CI runner).
+        &["valgrind", "-q", "--fair-sched=yes", "--error-exitcode=0"],
         "child_entry",
         &[],
         Duration::from_secs(240),
