@@ -3,14 +3,14 @@
 //! never runs inside it (where a trap on the branch, with SIGTRAP blocked, would kill the process).
 
 mod common;
-#[path = "common/toggling.rs"]
-mod toggling;
+#[path = "common/toggle.rs"]
+mod toggle;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use common::child::run_bounded;
-use toggling::*;
+use toggle::*;
 
 static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
 

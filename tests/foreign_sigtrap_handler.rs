@@ -5,14 +5,14 @@
 //! and their own traps still do.
 
 mod common;
-#[path = "common/toggling.rs"]
-mod toggling;
+#[path = "common/toggle.rs"]
+mod toggle;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use common::child::run_bounded;
-use toggling::*;
+use toggle::*;
 
 static FOREIGN_CALLS: AtomicUsize = AtomicUsize::new(0);
 

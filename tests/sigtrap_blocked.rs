@@ -3,13 +3,13 @@
 //! so every live toggle is refused before any byte is written, and says which thread blocks it.
 
 mod common;
-#[path = "common/toggling.rs"]
-mod toggling;
+#[path = "common/toggle.rs"]
+mod toggle;
 
 use std::time::Duration;
 
 use common::child::run_bounded;
-use toggling::*;
+use toggle::*;
 
 fn block(signals: &[libc::c_int]) {
     // SAFETY: changes the calling thread's signal mask with a valid set.

@@ -6,14 +6,14 @@
 //! it) or cannot trace here.
 
 mod common;
-#[path = "common/toggling.rs"]
-mod toggling;
+#[path = "common/toggle.rs"]
+mod toggle;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::child::{run_bounded, tool_available};
-use toggling::*;
+use toggle::*;
 
 fn traced() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

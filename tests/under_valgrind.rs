@@ -4,13 +4,13 @@
 //! not installed (`.ci/run` installs it).
 
 mod common;
-#[path = "common/toggling.rs"]
-mod toggling;
+#[path = "common/toggle.rs"]
+mod toggle;
 
 use std::time::Duration;
 
 use common::child::{run_bounded, tool_available};
-use toggling::*;
+use toggle::*;
 
 #[test]
 #[ignore = "run by the test below, under valgrind"]
