@@ -23,17 +23,14 @@ extern "C" fn on_usr1(_sig: libc::c_int) {
 #[ignore = "run by the test below, in a child process"]
 fn child_entry() {
     altpatch::apply_patches();
-    // SAFETY: installs a handler that only runs the branch and bumps atomics.
+    // SAFETY: on_usr1 is an `extern "C" fn(c_int)` that only runs the branch and bumps atomics.
     unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_usr1 as *const () as usize;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
-            0
+        common::set_signal_action(
+            libc::SIGUSR1,
+            on_usr1 as *const () as usize,
+            libc::SA_RESTART,
         );
-    }
+    };
     let workers: std::sync::Mutex<Vec<libc::pid_t>> = Default::default();
     let stop = AtomicBool::new(false);
     let run = std::thread::scope(|s| {

@@ -100,16 +100,10 @@ fn maps_contain(path: &str) -> bool {
 #[test]
 #[ignore = "run by the test below, in a child process"]
 fn child_entry() {
-    // SAFETY: installs a handler that only bumps a counter.
+    // SAFETY: user_handler is an `extern "C" fn(c_int)` that only bumps an atomic counter.
     unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = user_handler as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGTRAP, &action, std::ptr::null_mut()),
-            0
-        );
-    }
+        common::set_signal_action(libc::SIGTRAP, user_handler as *const () as usize, 0);
+    };
     let a_path = std::env::var("ALTPATCH_TEST_PLUGIN_A").unwrap();
     let b_path = std::env::var("ALTPATCH_TEST_PLUGIN_B").unwrap();
     let (a, b) = (load(&a_path), load(&b_path));

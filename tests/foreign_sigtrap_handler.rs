@@ -30,17 +30,9 @@ extern "C" fn crash_reporter(_sig: libc::c_int) {
 }
 
 fn install(handler: usize, flags: libc::c_int) {
-    // SAFETY: installs a disposition for SIGTRAP: a handler of the right type or SIG_IGN.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = handler;
-        action.sa_flags = flags;
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGTRAP, &action, std::ptr::null_mut()),
-            0
-        );
-    }
+    // SAFETY: the cases below pass SIG_IGN or `extern "C" fn(c_int)` handlers that only count,
+    // or write and `_exit`.
+    unsafe { common::set_signal_action(libc::SIGTRAP, handler, flags) };
 }
 
 #[test]

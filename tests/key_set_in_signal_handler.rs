@@ -33,16 +33,11 @@ fn child_entry() {
         return;
     }
     altpatch::apply_patches();
-    // SAFETY: installs a plain handler for SIGUSR1, which nothing else here uses.
+    // SAFETY: on_usr1 is an `extern "C" fn(c_int)`. Its `set()` is not async-signal-safe (it
+    // allocates): this test exercises the re-entry refusal, and its main thread only toggles.
     unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_usr1 as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
-            0
-        );
-    }
+        common::set_signal_action(libc::SIGUSR1, on_usr1 as *const () as usize, 0);
+    };
     let workers = Workers::start(2);
     // SAFETY: the calling thread's own handle.
     let me = unsafe { libc::pthread_self() };

@@ -17,16 +17,10 @@ extern "C" fn user_handler(_sig: libc::c_int) {
 #[test]
 fn a_users_own_sigtrap_handler_still_gets_its_traps() {
     let _lock = patch_lock();
-    // SAFETY: installs a plain handler that only bumps an atomic counter.
+    // SAFETY: user_handler is an `extern "C" fn(c_int)` that only bumps an atomic counter.
     unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = user_handler as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGTRAP, &action, std::ptr::null_mut()),
-            0
-        );
-    }
+        common::set_signal_action(libc::SIGTRAP, user_handler as *const () as usize, 0);
+    };
     // A live batch (another thread exists) installs altpatch's handler on top.
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel::<()>();

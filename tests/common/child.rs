@@ -2,6 +2,7 @@
 //! test that started it instead of killing or stalling the test runner.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ pub fn run_bounded(
         .env_remove("ALTPATCH_LOG")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
+        // A group of its own: a hung child's own children (which hold the pipes) die with it.
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -77,7 +80,8 @@ pub fn run_bounded(
             break Some(status);
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
+            // SAFETY: kills the process group this function started (the child's pid is its id).
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             let _ = child.wait();
             break None;
         }

@@ -149,35 +149,30 @@ pub fn weigh(xs: &[u32], scale: &u64, out: &mut u64) -> u64 {
 }
 
 /// Runs this test binary's ignored test `child_entry` in a child process with `env`; returns its
-/// stdout and stderr, after checking it succeeded. For what must happen once per process
-/// (reading `ALTPATCH`) or cannot be undone (a seccomp filter).
+/// stdout and stderr, after checking it succeeded within two minutes. For what must happen once
+/// per process (reading `ALTPATCH`) or cannot be undone (a seccomp filter).
 pub fn run_child_entry(env: &[(&str, &str)]) -> (String, String) {
-    let out = child_entry_command(env).output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "child with {env:?} failed:\n{stdout}\n{stderr}"
-    );
-    (stdout, stderr)
+    let run = child::run_bounded(&[], "child_entry", env, std::time::Duration::from_secs(120));
+    run.assert_success(&format!("child with {env:?}"));
+    (run.stdout, run.stderr)
 }
 
-/// This test binary, running only its ignored test `child_entry`, with `env`.
-fn child_entry_command(env: &[(&str, &str)]) -> std::process::Command {
-    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "--exact",
-            "child_entry",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("ALTPATCH_LOG")
-        .envs(env.iter().copied());
-    command
+/// Installs `disposition` for `signal` with `flags` and an empty mask: a handler of the type
+/// `flags` says (`extern "C" fn(c_int)`, or the three-argument form with `SA_SIGINFO`), or
+/// `SIG_IGN` / `SIG_DFL`.
+///
+/// # Safety
+/// `disposition` is `SIG_IGN`, `SIG_DFL` or a handler of the type `flags` declares, and the
+/// handler does only what is async-signal-safe.
+pub unsafe fn set_signal_action(signal: libc::c_int, disposition: usize, flags: libc::c_int) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = disposition;
+        action.sa_flags = flags;
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(libc::sigaction(signal, &action, std::ptr::null_mut()), 0);
+    }
 }
 
 /// A writer that refuses every page with `reason`, as a W^X policy would.
@@ -310,48 +305,10 @@ pub fn assert_report_matches_bytes(report: &altpatch::Report) {
     }
 }
 
-/// [`run_child_entry`] with a time bound: a child still running after `limit` (hung) is killed
-/// and the test fails, as it does when the child crashes or fails.
+/// [`run_child_entry`] with a time bound of `limit`: a child still running then (hung) is killed
+/// and the test fails, as it does when the child crashes or fails. Returns its stdout.
 pub fn run_child_entry_within(env: &[(&str, &str)], limit: std::time::Duration) -> String {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    let mut child = child_entry_command(env)
-        // A group of its own: a hung child's own children (which hold the pipes) die with it.
-        .process_group(0)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Drained while the child runs, so a full pipe never stalls it.
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let end = std::time::Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > end {
-            // SAFETY: kills the process group this function started (the child's pid is its id).
-            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
-    match status {
-        Some(status) => assert!(
-            status.success(),
-            "child with {env:?} failed ({status}):\n{stdout}\n{stderr}"
-        ),
-        None => panic!("child with {env:?} hung (killed after {limit:?}):\n{stdout}\n{stderr}"),
-    }
-    stdout
+    let run = child::run_bounded(&[], "child_entry", env, limit);
+    run.assert_success(&format!("child with {env:?}"));
+    run.stdout
 }
