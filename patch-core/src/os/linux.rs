@@ -344,6 +344,7 @@ pub fn threads_can_take_traps() -> Result<(), String> {
         }
         path.clear();
         let _ = write!(path, "/proc/self/task/{tid}/status");
+        // When the thread was first seen blocking SIGTRAP, and its CPU time then.
         let mut first_blocked = None;
         let thread = loop {
             status.clear();
@@ -356,12 +357,16 @@ pub fn threads_can_take_traps() -> Result<(), String> {
                 Err(e) => return Err(format!("cannot read {path}: {e}")),
             }
             let thread = ThreadStatus::parse(&status);
+            if !blocks_sigtrap(&thread, tid) {
+                break thread;
+            }
             // Some masks that block SIGTRAP last a moment, in code that runs no site: glibc's
             // inside `pthread_create` (in the creating and the new thread), the kernel's as it
             // enters our handler (before `IN_HANDLER` has the thread). Read again for a while
             // before taking the thread for one that blocks SIGTRAP.
-            let since = *first_blocked.get_or_insert_with(Instant::now);
-            if !blocks_sigtrap(&thread, tid) || since.elapsed() > TRANSIENT_MASK {
+            let (since, cpu_then) =
+                *first_blocked.get_or_insert_with(|| (Instant::now(), cpu_time(tid)));
+            if !may_be_transient(&thread, since.elapsed(), cpu_then, cpu_time(tid)) {
                 break thread;
             }
             // SAFETY: sched_yield takes no arguments.
@@ -395,15 +400,53 @@ fn blocks_sigtrap(thread: &ThreadStatus<'_>, tid: libc::pid_t) -> bool {
         && !in_handler(tid)
 }
 
-/// How long a thread's mask may block SIGTRAP before the thread is taken for one that blocks it:
-/// long enough for a thread preempted inside a transient window on a loaded machine (50 ms
-/// refused toggles spuriously in a suite run at load 10 on 2 cores); only a refusal waits it.
+/// Whether a thread seen blocking SIGTRAP for `waited` may still be inside a transient window
+/// (see [`threads_can_take_traps`]): for [`TRANSIENT_MASK`] whatever it does, then for as long as
+/// it is runnable but has had almost no CPU since (preempted inside the window, as on a loaded
+/// machine or a vCPU the host does not run), up to [`PREEMPTED_MAX`]. A thread that really
+/// blocks SIGTRAP either sleeps or runs, and is taken for what it is after `TRANSIENT_MASK`.
+fn may_be_transient(
+    thread: &ThreadStatus<'_>,
+    waited: Duration,
+    cpu_then: Option<u64>,
+    cpu_now: Option<u64>,
+) -> bool {
+    if waited <= TRANSIENT_MASK {
+        return true;
+    }
+    let barely_ran = match (cpu_then, cpu_now) {
+        (Some(then), Some(now)) => now.saturating_sub(then) < WINDOW_CPU.as_nanos() as u64,
+        _ => false,
+    };
+    thread.state == Some('R') && barely_ran && waited <= PREEMPTED_MAX
+}
+
+/// How long a thread's mask may block SIGTRAP before the thread is taken for one that blocks it,
+/// whatever it does meanwhile.
 const TRANSIENT_MASK: Duration = Duration::from_millis(250);
+
+/// CPU time a transient window cannot use up (it is a few µs of code): a thread that ran this
+/// long with SIGTRAP blocked was not inside one.
+const WINDOW_CPU: Duration = Duration::from_millis(5);
+
+/// How long a runnable thread that barely ran may stay blocked before it is taken for one that
+/// blocks SIGTRAP. 250 ms alone refused toggles spuriously in a CI run at load 13 on 2 vCPUs
+/// (a worker preempted inside our handler's entry, its mask our handler's).
+const PREEMPTED_MAX: Duration = Duration::from_secs(5);
+
+/// Nanoseconds thread `tid` of this process has run on a CPU (`/proc/self/task/<tid>/schedstat`),
+/// if the kernel keeps it.
+fn cpu_time(tid: libc::pid_t) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
 
 /// The lines of a `/proc/<pid>/task/<tid>/status` file the live protocol cares about.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct ThreadStatus<'a> {
     name: &'a str,
+    /// The `State` letter: `R` running or runnable, `S` sleeping, ...
+    state: Option<char>,
     tracer: Option<u32>,
     /// `SigBlk`: bit `n - 1` set when signal `n` is blocked.
     blocked: Option<u64>,
@@ -422,6 +465,7 @@ impl<'a> ThreadStatus<'a> {
             let value = value.trim();
             match key {
                 "Name" => status.name = value,
+                "State" => status.state = value.chars().next(),
                 "TracerPid" => status.tracer = value.parse().ok(),
                 "SigBlk" => {
                     status.blocked = u64::from_str_radix(value, 16).ok();
@@ -935,10 +979,31 @@ mod tests {
             ThreadStatus::parse(text),
             ThreadStatus {
                 name: "worker",
+                state: Some('S'),
                 tracer: Some(42),
                 blocked: Some(1 << (libc::SIGTRAP - 1)),
             }
         );
+    }
+
+    #[test]
+    fn a_preempted_thread_is_waited_for_a_running_or_sleeping_one_is_not() {
+        let status = |state| ThreadStatus {
+            state: Some(state),
+            ..ThreadStatus::default()
+        };
+        let ms = Duration::from_millis;
+        let (then, barely, ran) = (Some(1_000_000), Some(1_100_000), Some(60_000_000));
+        // Within TRANSIENT_MASK: whatever the thread does.
+        assert!(may_be_transient(&status('S'), ms(100), then, ran));
+        // Runnable and barely ran since: preempted inside a window.
+        assert!(may_be_transient(&status('R'), ms(1000), then, barely));
+        assert!(!may_be_transient(&status('R'), ms(6000), then, barely));
+        // Ran for 59 ms with SIGTRAP blocked, or sleeps with it blocked: it blocks SIGTRAP.
+        assert!(!may_be_transient(&status('R'), ms(1000), then, ran));
+        assert!(!may_be_transient(&status('S'), ms(1000), then, barely));
+        // No CPU time from the kernel: TRANSIENT_MASK alone.
+        assert!(!may_be_transient(&status('R'), ms(1000), None, None));
     }
 
     #[test]
