@@ -48,7 +48,7 @@ pub fn run_bounded(
         }
         None => Command::new(&exe),
     };
-    let mut child = command
+    command
         .args([
             "--exact",
             entry,
@@ -57,14 +57,21 @@ pub fn run_bounded(
             "--test-threads=1",
         ])
         .env_remove("ALTPATCH_LOG")
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    run_command_bounded(command, limit)
+}
+
+/// Runs `command` (another program: one a test built) with its output captured, killed after
+/// `limit`.
+pub fn run_command_bounded(mut command: Command, limit: Duration) -> ChildRun {
+    let mut child = command
         .stdin(Stdio::null())
         // A group of its own: a hung child's own children (which hold the pipes) die with it.
         .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {wrapper:?} {exe:?}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     let drain = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut text = Vec::new();
