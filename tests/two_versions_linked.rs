@@ -5,8 +5,8 @@
 //! `altpatch2`) with cargo, offline, in this test's profile, and runs it in a child with a time
 //! bound. The program toggles one static key of each copy from two threads at once while
 //! workers run both branches and an `#[alternative]` site of each copy; it asserts no
-//! wrong-branch result, no refused toggle, no text page left `rwxp`, and that each copy's report
-//! lists only its own sites.
+//! wrong-branch result, no refused toggle, no text page left `rwxp`, that each copy's report
+//! lists only its own sites, and that the program's own traps still reach its own handler.
 //!
 //! The copy and its build live in `<target>/two-versions/` (the target directory this test
 //! binary is in, so `CARGO_TARGET_DIR` and the frame-pointer run's directory are respected) and
