@@ -3,11 +3,23 @@
 //! max/min acquisitions per thread, printed next to max/min CPU time per thread (the part of the
 //! spread the scheduler decided). Writes `benches/contended.svg`.
 //!
+//! Each line also gives the CPU time the lock's threads got per second of the point ("CPUs"): on
+//! a shared machine other load takes a varying share, so throughput per CPU-second is printed
+//! next to throughput in the ratio lines.
+//!
+//! Then two workloads nearer to real use, each for the hybrid lock (pv futex) and the peers: a
+//! critical section of about 100 ns with about 1 µs of work outside it (1-16 threads; the work
+//! is calibrated at start-up), and a reader-heavy map (a `HashMap` of 4,096 keys behind one lock,
+//! 8 threads, 90 % lookups and 10 % updates). After each table, per lock and thread count: the
+//! ratio to the better of std's Mutex and parking_lot in this run.
+//!
 //! `cargo bench --bench locks_contended` (1 s per point: at 8 threads on 2 cores a thread runs
 //! only about 20 time slices in 300 ms, and their count alone spreads max/min); `ALTPATCH_BENCH_QUICK=1` or
 //! `cargo test --benches` (a short run that only checks it works). `ALTPATCH_BENCH_POINT_MS=n`
-//! sets the time per point; `cargo bench --bench locks_contended -- hybrid` measures only the
-//! locks whose name contains `hybrid` (and writes no plot).
+//! sets the time per point; `cargo bench --bench locks_contended -- hybrid std parking` measures
+//! only the locks whose name contains one of the words (and writes no plot). Built with
+//! `RUSTFLAGS="--cfg pvlock_trace"`, it prints where the hybrid lock's time went
+//! (`altpatch_sites::pvlock::trace`).
 
 #[path = "plain_ticket.rs"]
 mod plain_ticket;
@@ -48,7 +60,9 @@ fn run(threads: usize, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<(u64
                         critical();
                         n += 1;
                     }
-                    (n, thread_cpu_time() - cpu)
+                    let r = (n, thread_cpu_time() - cpu);
+                    altpatch_sites::pvlock::trace::flush();
+                    r
                 })
             })
             .collect();
@@ -64,22 +78,35 @@ struct Point {
     fairness: f64,
     /// max/min CPU time per thread: the part of `fairness` the scheduler decided.
     cpu_fairness: f64,
+    /// CPU time all threads ran, per second of the point: on a shared machine other load takes
+    /// a varying share, and throughput per CPU-second is the part of `mops` the lock decided.
+    cpus: f64,
 }
 
-/// The name filter given on the command line, if any.
-static FILTER: OnceLock<Option<String>> = OnceLock::new();
+/// The name filters given on the command line (a lock runs when its name contains any of them).
+static FILTER: OnceLock<Vec<String>> = OnceLock::new();
 
 fn measure(name: &str, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<Point> {
+    measure_at(name, &THREADS, time, critical)
+}
+
+fn measure_at(
+    name: &str,
+    thread_counts: &[usize],
+    time: Duration,
+    critical: &(dyn Fn() + Sync),
+) -> Vec<Point> {
     if FILTER
         .get()
-        .and_then(Option::as_deref)
-        .is_some_and(|f| !name.contains(f))
+        .is_some_and(|f| !f.is_empty() && !f.iter().any(|f| name.contains(f.as_str())))
     {
         return Vec::new();
     }
-    THREADS
+    thread_counts
         .iter()
         .map(|&threads| {
+            let stats0 = altpatch_sites::pvlock::stats();
+            let tr0 = altpatch_sites::pvlock::trace::snapshot();
             let start = Instant::now();
             let (counts, cpu): (Vec<u64>, Vec<Duration>) =
                 run(threads, time, critical).into_iter().unzip();
@@ -92,14 +119,146 @@ fn measure(name: &str, time: Duration, critical: &(dyn Fn() + Sync)) -> Vec<Poin
                 mops: total as f64 / secs / 1e6,
                 fairness: max as f64 / min.max(1) as f64,
                 cpu_fairness: cpu_max.as_secs_f64() / cpu_min.as_secs_f64().max(1e-9),
+                cpus: cpu.iter().map(Duration::as_secs_f64).sum::<f64>() / secs,
             };
             println!(
-                "{name:<24} {threads:>2} threads {:>9.3} M/s  max/min {:>8.1}  (cpu time max/min {:>4.1})",
-                p.mops, p.fairness, p.cpu_fairness
+                "{name:<24} {threads:>2} threads {:>9.3} M/s  max/min {:>8.1}  (cpu time max/min {:>4.1}, {:.2} CPUs)",
+                p.mops,
+                p.fairness,
+                p.cpu_fairness,
+                p.cpus
             );
+            let st = altpatch_sites::pvlock::stats();
+            if name.contains("hybrid") {
+                println!(
+                    "{:<24} {:>10} parks/s {:>10} wakes/s {:>8} handoffs/s",
+                    "",
+                    ((st.parks - stats0.parks) as f64 / secs) as u64,
+                    ((st.wakes - stats0.wakes) as f64 / secs) as u64,
+                    ((st.handoffs - stats0.handoffs) as f64 / secs) as u64,
+                );
+                let tr = altpatch_sites::pvlock::trace::snapshot();
+                if tr == tr0 {
+                    return p;
+                }
+                let line: Vec<String> = (0..tr.len())
+                    .map(|i| {
+                        format!(
+                            "{}={}",
+                            altpatch_sites::pvlock::trace::NAMES[i],
+                            ((tr[i] - tr0[i]) as f64 / secs) as u64
+                        )
+                    })
+                    .collect();
+                println!("    per s: {}", line.join(" "));
+            }
             p
         })
         .collect()
+}
+
+/// The peers a lock is compared with: the better of them at each thread count is the bar.
+const PEERS: [&str; 2] = ["std Mutex", "parking_lot"];
+
+/// Prints, per lock and thread count, throughput as a ratio to the best peer in the same run.
+fn print_ratios(title: &str, results: &[(&str, Vec<Point>)]) {
+    let best = |threads: usize, of: fn(&Point) -> f64| {
+        results
+            .iter()
+            .filter(|(n, _)| PEERS.iter().any(|p| n.ends_with(p)))
+            .flat_map(|(_, points)| points.iter().filter(|p| p.threads == threads))
+            .map(of)
+            .fold(None, |b: Option<f64>, m| Some(b.map_or(m, |b| b.max(m))))
+    };
+    let per_cpu = |p: &Point| p.mops / p.cpus.max(1e-3);
+    println!(
+        "\n{title}: throughput / best of std Mutex and parking_lot at the same thread count \
+         [the same per CPU-second of the lock's threads]"
+    );
+    for (name, points) in results {
+        if points.is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = points
+            .iter()
+            .map(
+                |p| match (best(p.threads, |p| p.mops), best(p.threads, per_cpu)) {
+                    (Some(b), Some(c)) => format!(
+                        "{:>2}: {:.2}x [{:.2}x] (max/min {:.1})",
+                        p.threads,
+                        p.mops / b,
+                        per_cpu(p) / c,
+                        p.fairness
+                    ),
+                    _ => format!("{:>2}: -", p.threads),
+                },
+            )
+            .collect();
+        println!("  {name:<34} {}", cells.join("  "));
+    }
+}
+
+/// `iters` rounds of a multiply-xorshift: CPU work that the compiler cannot remove or shorten.
+#[inline(never)]
+fn work(iters: u32, seed: u64) -> u64 {
+    let mut x = seed;
+    for _ in 0..iters {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x ^= x >> 29;
+    }
+    std::hint::black_box(x)
+}
+
+/// Rounds of [`work`] per nanosecond on this machine: the best of 20 timings of 1 ms of work
+/// (the best, because other load only ever makes a timing longer).
+fn work_per_ns() -> f64 {
+    const ROUNDS: u32 = 200_000;
+    (0..20)
+        .map(|i| {
+            let t = Instant::now();
+            work(ROUNDS, i);
+            ROUNDS as f64 / t.elapsed().as_nanos().max(1) as f64
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A per-thread xorshift generator for the map workload.
+fn next_random() -> u64 {
+    std::thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let here = 0u8;
+            (&here as *const u8 as u64) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
+/// Keys in the map workload's map.
+const MAP_KEYS: u64 = 4096;
+
+/// One operation of the map workload on a locked map: nine in ten look a key up, one in ten
+/// updates one.
+fn map_op(map: &mut std::collections::HashMap<u64, u64>) {
+    let r = next_random();
+    let key = r % MAP_KEYS;
+    if r.is_multiple_of(10) {
+        map.insert(key, r);
+    } else {
+        std::hint::black_box(map.get(&key));
+    }
+}
+
+fn full_map() -> std::collections::HashMap<u64, u64> {
+    (0..MAP_KEYS).map(|k| (k, k)).collect()
 }
 
 fn plot(results: &[(&str, Vec<Point>)], path: &str) -> Result<(), Box<dyn std::error::Error>> {
@@ -167,7 +326,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     FILTER.get_or_init(|| filter.clone());
     let point_ms = std::env::var("ALTPATCH_BENCH_POINT_MS")
         .ok()
@@ -221,6 +383,78 @@ fn main() {
         measure("spin TicketMutex", time, &|| *sp.lock() += 1),
     ));
 
+    print_ratios("counter (the table above)", &results);
+
+    // Nearer to real use: a critical section of about 100 ns with about 1 us of work outside it.
+    let per_ns = work_per_ns();
+    let (inside, outside) = ((100.0 * per_ns) as u32, (1000.0 * per_ns) as u32);
+    println!(
+        "\nworkload \"cs 100 ns + 1 us outside\": {inside} rounds of work inside the lock, {outside} outside ({per_ns:.2} rounds/ns)"
+    );
+    let mut cs = Vec::new();
+    let report = pv::force(PvLock::Futex);
+    assert_eq!(pv::chosen(&report), Some(PvLock::Futex), "{report}");
+    let hybrid_cs = PvMutex::new(0u64);
+    cs.push((
+        "cs100: altpatch hybrid pv futex",
+        measure("cs100: altpatch hybrid pv futex", time, &|| {
+            let x = work(outside, 1);
+            let mut g = hybrid_cs.lock();
+            *g = work(inside, *g ^ x);
+        }),
+    ));
+    pv::force(PvLock::Native);
+    let std_cs = std::sync::Mutex::new(0u64);
+    cs.push((
+        "cs100: std Mutex",
+        measure("cs100: std Mutex", time, &|| {
+            let x = work(outside, 1);
+            let mut g = std_cs.lock().unwrap();
+            *g = work(inside, *g ^ x);
+        }),
+    ));
+    let pl_cs = parking_lot::Mutex::new(0u64);
+    cs.push((
+        "cs100: parking_lot",
+        measure("cs100: parking_lot", time, &|| {
+            let x = work(outside, 1);
+            let mut g = pl_cs.lock();
+            *g = work(inside, *g ^ x);
+        }),
+    ));
+    print_ratios("cs 100 ns + 1 us outside", &cs);
+
+    // A reader-heavy map behind one lock, 8 threads: nine lookups in ten, one update.
+    println!(
+        "\nworkload \"map\": a HashMap of {MAP_KEYS} keys behind one lock, 8 threads, 90 % lookups, 10 % updates"
+    );
+    let mut map = Vec::new();
+    let report = pv::force(PvLock::Futex);
+    assert_eq!(pv::chosen(&report), Some(PvLock::Futex), "{report}");
+    let hybrid_map = PvMutex::new(full_map());
+    map.push((
+        "map: altpatch hybrid pv futex",
+        measure_at("map: altpatch hybrid pv futex", &[8], time, &|| {
+            map_op(&mut hybrid_map.lock())
+        }),
+    ));
+    pv::force(PvLock::Native);
+    let std_map = std::sync::Mutex::new(full_map());
+    map.push((
+        "map: std Mutex",
+        measure_at("map: std Mutex", &[8], time, &|| {
+            map_op(&mut std_map.lock().unwrap())
+        }),
+    ));
+    let pl_map = parking_lot::Mutex::new(full_map());
+    map.push((
+        "map: parking_lot",
+        measure_at("map: parking_lot", &[8], time, &|| {
+            map_op(&mut pl_map.lock())
+        }),
+    ));
+    print_ratios("map, 8 threads", &map);
+
     let at8 = |name: &str| {
         results
             .iter()
@@ -251,7 +485,7 @@ fn main() {
             h8.mops / std8.mops
         );
     }
-    if !quick && filter.is_none() {
+    if !quick && filter.is_empty() {
         match plot(&results, "benches/contended.svg") {
             Ok(()) => println!("plot: benches/contended.svg"),
             Err(e) => println!("plot failed: {e}"),

@@ -2,7 +2,9 @@
 //!
 //! "Hybrid" as in the kernel's pv qspinlock hybrid mode: running threads may take a free lock
 //! ahead of sleeping ones (bounded stealing), sleepers are woken one at a time in the futex's
-//! FIFO order, and a waiter that has waited past [`FAIR_TIMEOUT`] closes the steal window and gets
+//! FIFO order (with std's futex mutex's bookkeeping: one "someone may sleep" bit, which the
+//! unlock that wakes clears and the woken waiter sets again, so that a running owner pays one
+//! RMW per lock and per unlock while others sleep), and a waiter that has waited past [`FAIR_TIMEOUT`] closes the steal window and gets
 //! the lock handed over directly. Its pv ops are `pv_lock` sites, the same name and candidate
 //! table as [`RawTicketLock`](crate::RawTicketLock)'s, so one `ALTPATCH=pv_lock=...` choice (or
 //! [`pv::force`](crate::pv::force)) covers both locks.
@@ -34,18 +36,17 @@ pub const FAIR_TIMEOUT: std::time::Duration = std::time::Duration::from_micros(5
 
 /// Bit 0: the lock is held (or, with [`HANDOFF`], being handed over).
 pub(crate) const LOCKED: u32 = 1;
-/// Bit 1: an unlocker woke a parked waiter that has not run yet: later unlockers wake nobody
-/// else (one wake-up in flight at a time).
-pub(crate) const WAKING: u32 = 1 << 1;
+/// Bit 1: waiters may be asleep in the futex. Set by a waiter before it sleeps, and kept set by
+/// every waiter that has slept when it takes the lock; the unlock that finds it clears it and
+/// wakes one sleeper, which takes over the duty of keeping it set (std's futex mutex's
+/// "contended" state, 2).
+pub(crate) const PARKED: u32 = 1 << 1;
 /// Bit 2, only with [`LOCKED`] and [`WANT`]: the owner handed the lock to the waiter that set
 /// `WANT`, which claims it by clearing both.
 pub(crate) const HANDOFF: u32 = 1 << 2;
 /// Bit 3: a waiter past [`FAIR_TIMEOUT`] asks for the lock: nobody else may take it, and the
 /// next unlock hands it over instead of releasing it.
 pub(crate) const WANT: u32 = 1 << 3;
-/// Bits 8-31 count the parked waiters: incremented by a waiter before it sleeps, decremented by
-/// the same waiter when it wakes.
-pub(crate) const PARKED_ONE: u32 = 1 << 8;
 
 /// The lock word. First in the lock: the native unlock is `mov byte ptr [rdi], 0` on the lock's
 /// address, and the futex waits on that same address.
@@ -120,12 +121,16 @@ impl Word {
     #[inline(never)]
     fn lock_contended(&self, spins: u32) {
         let mut backoff = Backoff::new();
+        trace::add(trace::CONTENDED, 1);
         while backoff.spent < spins {
             if self.try_steal(self.state().load(Relaxed)) {
+                trace::add(trace::STEAL_SPIN, 1);
+                trace::add(trace::PAUSES, backoff.spent as u64);
                 return;
             }
             backoff.pause();
         }
+        trace::add(trace::PAUSES, backoff.spent as u64);
         // SAFETY: `self` is a live lock; the op returns with it held.
         unsafe { lock_slowpath(self, spins) }
     }
@@ -179,14 +184,15 @@ impl Backoff {
 ///
 /// # Protocol
 ///
-/// Lock: a load and one `cmpxchg` setting `LOCKED` when neither it nor `WANT` is set; no pv code.
-/// Contended: up to `SPINS` pauses with exponential backoff between looks, taking the lock
-/// whenever it is free and nobody set `WANT` (bounded stealing), then the slow-path op:
+/// Lock: one `cmpxchg` from 0 to `LOCKED`, and if the word held something else (`PARKED`) one
+/// more from what it held, when `LOCKED` is clear (`WANT` is only ever set with `LOCKED`); no pv
+/// code. Contended: up to `SPINS` pauses with exponential backoff between looks, taking the
+/// lock whenever it is free (bounded stealing), then the slow-path op:
 ///
 /// | `pv_lock` | slow path (a `pv_lock` call site) | unlock (a `pv_lock` site) |
 /// |---|---|---|
 /// | `native` | keep spinning and stealing | `mov byte ptr [rdi], 0` inline (a release store) |
-/// | `futex` | park in the futex; woken, spin and steal again; past [`FAIR_TIMEOUT`] set `WANT` and spin until handed the lock | `cmpxchg`: release, or hand over if `WANT`; wake one sleeper if some are parked and none is `WAKING` |
+/// | `futex` | set `PARKED` and park in the futex; woken, spin and steal again, setting `PARKED` with whatever it does next; past [`FAIR_TIMEOUT`] set `WANT` and spin until handed the lock | `cmpxchg`: hand over if `WANT`; else release, and if `PARKED` was set clear it and wake one sleeper |
 /// | `sched_yield` | steal, `sched_yield()` every `SPINS` | as `native` |
 /// | `default` (unpatched) | as `sched_yield` | as `futex` |
 ///
@@ -200,33 +206,45 @@ impl Backoff {
 /// | bits | name | set by | cleared by |
 /// |---|---|---|---|
 /// | 0 | `LOCKED` | a locker's `cmpxchg` | the unlock, unless it hands over |
-/// | 1 | `WAKING` | an unlock that wakes a sleeper | any parked waiter when it returns from the futex |
+/// | 1 | `PARKED` | a waiter about to sleep; every waiter that has slept, with the lock, `WANT` or its next park | the unlock that releases, which then wakes one sleeper |
 /// | 2 | `HANDOFF` | an unlock that sees `WANT` (with `LOCKED` kept) | the `WANT` waiter, taking the lock |
-/// | 3 | `WANT` | one waiter past [`FAIR_TIMEOUT`] | that waiter, taking the lock |
-/// | 8-31 | parked | a waiter about to sleep (+1) | the same waiter once it returns (-1) |
+/// | 3 | `WANT` | one waiter past [`FAIR_TIMEOUT`], only while `LOCKED` is set | that waiter, taking the lock |
 ///
 /// | word | meaning |
 /// |---|---|
-/// | `0` | unlocked, no waiter parked (the fast paths) |
-/// | `LOCKED` | held; waiters, if any, are spinning |
-/// | `LOCKED + n·PARKED_ONE` | held, `n` waiters parked (or about to): the unlock wakes one |
-/// | `… \| WAKING` | one woken waiter is on its way: unlocks wake nobody else |
-/// | `… \| WANT` | a waiter waited too long: no stealing; the next unlock hands over |
+/// | `0` | unlocked, nobody known to sleep (the fast paths) |
+/// | `LOCKED` | held; waiters, if any, are spinning, or asleep with a woken one on its way |
+/// | `LOCKED \| PARKED` | held, waiters may sleep: the unlock clears `PARKED` and wakes one |
+/// | `PARKED` | free, waiters may sleep: the next owner's unlock wakes one |
+/// | `… \| WANT` | held, a waiter waited too long: no stealing; the next unlock hands over |
 /// | `LOCKED \| HANDOFF \| WANT …` | handed over: owned by the `WANT` waiter, which has yet to claim it |
 ///
-/// Why nobody sleeps forever: a waiter parks only while the word shows `LOCKED` (or another
-/// waiter's `WANT`), and sleeps only while the word is unchanged since it counted itself in, so
-/// the unlock after it sees the count. That unlock wakes one sleeper unless `WAKING` is set, and
-/// `WAKING` means a counted waiter will still return from the futex (woken, or finding the word
-/// changed) and clear it, then take the lock or park again behind an owner whose unlock wakes.
-/// Every decision is made in the unlock's one releasing `cmpxchg`: after it the unlocker only
-/// wakes by address (the next owner may already have freed the lock).
+/// Why nobody sleeps forever: a waiter sleeps only while the word is exactly the `LOCKED |
+/// PARKED …` it saw or set, so a release before it is queued sends it back. Once it is queued,
+/// `PARKED` stays set until an unlock clears it, and that unlock wakes one sleeper (or, if the
+/// futex queue is empty, a waiter about to sleep finds the word changed). Whoever comes back
+/// from the futex, for whatever reason, has slept: it sets `PARKED` again with whatever it does
+/// next (takes the lock, asks for a handoff, parks), so the sleepers behind it are always behind
+/// a `PARKED` that some unlock will see. A handover keeps `PARKED` as it was and wakes nobody:
+/// the `WANT` waiter runs, and its own unlock does. Every decision is made in the unlock's one
+/// releasing `cmpxchg`: after it the unlocker only wakes by address (the next owner may already
+/// have freed the lock). With the lock contended, the cost of this bookkeeping is one wake
+/// system call per woken waiter, and once per busy period one that finds nobody.
 ///
 /// # Changing `pv_lock` at run time
 ///
 /// As for the ticket lock: from the unpatched default to anything at any time (the default never
 /// parks); away from `futex` only while no waiter is parked (`native` unlocks do not wake). When
 /// quiescent the word is 0 in every variant.
+///
+/// # Where the time went (issue 15)
+///
+/// The word used to count parked waiters (bits 8-31, with a "wake in flight" bit). While any
+/// waiter slept, the word was never `LOCKED` alone, so every lock (a failed `cmpxchg` from 0,
+/// then one from what it held) and every unlock (the same) paid two RMWs, on a line the
+/// spinners kept pulling away: at 8 threads on 2 vCPUs, 5 of the 8 threads slept on average,
+/// and the lock ran at about half std's throughput per CPU-second. With one `PARKED` bit that
+/// the waking unlock clears, a running owner finds `0`/`LOCKED` again between wake-ups.
 #[repr(C)]
 pub struct RawPvLock<const SPINS: u32 = PV_SPIN_THRESHOLD> {
     word: Word,
@@ -345,14 +363,9 @@ impl PvLockState {
         self.0 & LOCKED != 0
     }
 
-    /// Waiters counted as parked (asleep, about to sleep, or just woken).
-    pub fn parked(self) -> u32 {
-        self.0 / PARKED_ONE
-    }
-
-    /// A woken waiter has not run yet.
-    pub fn waking(self) -> bool {
-        self.0 & WAKING != 0
+    /// Waiters may be asleep: the next unlock wakes one.
+    pub fn parked(self) -> bool {
+        self.0 & PARKED != 0
     }
 
     /// A waiter asked for a handoff.
@@ -479,9 +492,9 @@ unsafe fn yield_lock_slowpath(word: *const Word, spins: u32) {
     }
 }
 
-/// `futex`'s slow path: park while the lock is held; woken, spin and steal like a new locker;
-/// once past [`FAIR_TIMEOUT`], set `WANT` (no more stealing by anyone) and spin, never parking,
-/// until the lock is free or handed over.
+/// `futex`'s slow path: park while the lock is held; woken, spin and steal like a new locker,
+/// but keeping `PARKED` set for the sleepers behind us; once past [`FAIR_TIMEOUT`], set `WANT`
+/// (no more stealing by anyone) and spin, never parking, until the lock is handed over.
 ///
 /// # Safety
 /// As [`lock_slowpath`].
@@ -489,47 +502,57 @@ unsafe fn futex_lock_slowpath(word: *const Word, spins: u32) {
     // SAFETY: the caller guarantees a live lock; we do not return before we hold it.
     let word = unsafe { &*word };
     let start = Clock::now();
+    trace::add(trace::SLOW, 1);
+    let mut want_t0 = 0;
     let mut wanting = false;
+    // `PARKED` once we have slept: the unlock that woke us cleared it, and others may still be
+    // asleep, so we set it again whatever we do next (take the lock, ask for it, park).
+    let mut mark = 0;
     // The caller has just spun its round.
     let mut spun = spins;
     let mut s = word.state().load(Relaxed);
     loop {
         if wanting {
-            // Only we set `WANT`, so `HANDOFF` (set only with `WANT`) is ours, and no other
-            // locker takes a free lock while `WANT` is set.
-            let new = if s & HANDOFF != 0 {
-                s & !(HANDOFF | WANT)
-            } else if s & LOCKED == 0 {
-                (s | LOCKED) & !WANT
-            } else {
+            // Only we set `WANT`, so `HANDOFF` (set only with `WANT`) is ours. `WANT` is only
+            // set with `LOCKED`, and an unlock that sees it hands over instead of releasing, so
+            // nobody else can take the lock meanwhile.
+            if s & HANDOFF == 0 {
                 spun += 1;
                 if spun >= spins {
                     spun = 0;
                     // The owner may be preempted: let it (or anyone) run.
+                    trace::add(trace::YIELDS, 1);
                     yield_now();
                 } else {
+                    trace::add(trace::PAUSES, 1);
                     spin_loop();
                 }
                 s = word.state().load(Relaxed);
                 continue;
-            };
-            match word.state().compare_exchange_weak(s, new, Acquire, Relaxed) {
-                Ok(old) => {
-                    if old & HANDOFF != 0 {
-                        count(&HANDOFFS);
-                    }
+            }
+            match word
+                .state()
+                .compare_exchange_weak(s, s & !(HANDOFF | WANT), Acquire, Relaxed)
+            {
+                Ok(_) => {
+                    count(&HANDOFFS);
+                    trace::add(trace::WANT_NS, trace::now_ns() - want_t0);
                     return;
                 }
                 Err(now) => s = now,
             }
             continue;
         }
-        if s & (LOCKED | WANT) == 0 {
+        // `WANT` is only ever set with `LOCKED`: a free lock is anyone's.
+        if s & LOCKED == 0 {
             match word
                 .state()
-                .compare_exchange_weak(s, s | LOCKED, Acquire, Relaxed)
+                .compare_exchange_weak(s, s | LOCKED | mark, Acquire, Relaxed)
             {
-                Ok(_) => return,
+                Ok(_) => {
+                    trace::add(trace::SLOW_STEAL, 1);
+                    return;
+                }
                 Err(now) => s = now,
             }
             continue;
@@ -537,12 +560,14 @@ unsafe fn futex_lock_slowpath(word: *const Word, spins: u32) {
         if s & WANT == 0 && start.waited_too_long() {
             match word
                 .state()
-                .compare_exchange_weak(s, s | WANT, Relaxed, Relaxed)
+                .compare_exchange_weak(s, s | WANT | mark, Relaxed, Relaxed)
             {
                 Ok(_) => {
+                    trace::add(trace::WANTS, 1);
+                    want_t0 = trace::now_ns();
                     wanting = true;
                     spun = 0;
-                    s |= WANT;
+                    s |= WANT | mark;
                 }
                 Err(now) => s = now,
             }
@@ -550,43 +575,46 @@ unsafe fn futex_lock_slowpath(word: *const Word, spins: u32) {
         }
         if spun < spins {
             spun += 1;
+            trace::add(trace::PAUSES, 1);
             spin_loop();
             s = word.state().load(Relaxed);
             continue;
         }
-        // Park: count ourselves in, then sleep while the word is exactly what we left (still
-        // held, nobody woken, no other parker since). Overflow needs 2^24 parked threads.
-        let parked = s + PARKED_ONE;
-        if let Err(now) = word
-            .state()
-            .compare_exchange_weak(s, parked, Relaxed, Relaxed)
+        // Park: mark the word, then sleep while it is exactly what we left (still held, not
+        // released or handed over since).
+        let parked = s | PARKED;
+        if parked != s
+            && let Err(now) = word
+                .state()
+                .compare_exchange_weak(s, parked, Relaxed, Relaxed)
         {
             s = now;
             continue;
         }
         count(&PARKS);
+        trace::add(trace::PARKS, 1);
+        let t0 = trace::now_ns();
         futex::wait_on(word.state(), parked, futex::ANY);
-        // Whatever woke us (a wake, a changed word, a signal), we run now: count ourselves out
-        // and clear `WAKING`, so that the next unlock may wake another sleeper.
-        let mut now = word.state().load(Relaxed);
-        loop {
-            match word.state().compare_exchange_weak(
-                now,
-                (now - PARKED_ONE) & !WAKING,
-                Relaxed,
-                Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(x) => now = x,
+        let t1 = trace::now_ns();
+        trace::add(trace::PARK_NS, t1 - t0);
+        #[cfg(pvlock_trace)]
+        {
+            let w = trace::LAST_WAKE.swap(0, core::sync::atomic::Ordering::Relaxed);
+            if w != 0 && w >= t0 {
+                trace::add(trace::WAKE_LAT_NS, t1 - w);
+                trace::add(trace::WAKE_LAT_N, 1);
             }
         }
-        s = (now - PARKED_ONE) & !WAKING;
+        // Whatever woke us (a wake, a changed word, a signal), others may be asleep behind us.
+        mark = PARKED;
+        s = word.state().load(Relaxed);
         spun = 0;
     }
 }
 
-/// `futex`'s unlock (and the default's): one `cmpxchg` that releases the lock, or hands it to a
-/// `WANT` waiter, and claims the right to wake a sleeper; then at most one futex wake by address.
+/// `futex`'s unlock (and the default's): one `cmpxchg` that releases the lock (clearing
+/// `PARKED`, and then it wakes one sleeper) or hands it to a `WANT` waiter; then at most one
+/// futex wake by address.
 ///
 /// # Safety
 /// The caller holds the lock.
@@ -598,15 +626,12 @@ unsafe fn futex_unlock(word: *const Word) {
         Err(now) => now,
     };
     let wake = loop {
-        let wake = s >= PARKED_ONE && s & WAKING == 0;
-        let mut new = if s & WANT != 0 {
-            s | HANDOFF
+        // Handing over wakes nobody: the `WANT` waiter runs, and keeps `PARKED` as it was.
+        let (new, wake) = if s & WANT != 0 {
+            (s | HANDOFF, false)
         } else {
-            s & !LOCKED
+            (s & !(LOCKED | PARKED), s & PARKED != 0)
         };
-        if wake {
-            new |= WAKING;
-        }
         match state.compare_exchange_weak(s, new, Release, Relaxed) {
             Ok(_) => break wake,
             Err(now) => s = now,
@@ -615,7 +640,11 @@ unsafe fn futex_unlock(word: *const Word) {
     // From here on the next owner may free the lock: only its address is used.
     if wake {
         count(&WAKES);
+        let t0 = trace::now_ns();
+        #[cfg(pvlock_trace)]
+        trace::LAST_WAKE.store(t0, core::sync::atomic::Ordering::Relaxed);
         futex::wake_on(word.cast::<u32>(), 1, futex::ANY);
+        trace::add(trace::WAKE_SYSCALL_NS, trace::now_ns() - t0);
     }
 }
 
@@ -715,4 +744,96 @@ pub mod model {
         // SAFETY: loom checks this write against every read in `Word::state`.
         lock.word.alive.with_mut(|alive| unsafe { *alive = false });
     }
+}
+
+/// Where a contended lock's time goes, for measuring (issue 15): built only with
+/// `RUSTFLAGS="--cfg pvlock_trace"` (every call is an empty inline function otherwise). Counters
+/// are per thread, added to the totals when a thread exits (or calls [`trace::flush`]), so
+/// counting does not share a line between threads; `benches/locks_contended.rs` prints them per
+/// second for the hybrid lock's points. Times are nanoseconds summed over threads: `park_ns`
+/// (asleep in the futex), `wake_lat_ns` (from an unlock's wake to a sleeper's return, over
+/// `wake_lat_n` returns), `want_ns` (from setting `WANT` to holding the lock),
+/// `wake_syscall_ns` (the unlocker inside its futex wake, preemption included).
+#[doc(hidden)]
+pub mod trace {
+    pub const CONTENDED: usize = 0;
+    pub const STEAL_SPIN: usize = 1;
+    pub const SLOW: usize = 2;
+    pub const PAUSES: usize = 3;
+    pub const PARKS: usize = 4;
+    pub const PARK_NS: usize = 5;
+    pub const WAKE_LAT_NS: usize = 6;
+    pub const WAKE_LAT_N: usize = 7;
+    pub const WANT_NS: usize = 8;
+    pub const WANTS: usize = 9;
+    pub const YIELDS: usize = 10;
+    pub const SLOW_STEAL: usize = 11;
+    pub const WAKE_SYSCALL_NS: usize = 12;
+    pub const N: usize = 13;
+    pub const NAMES: [&str; N] = [
+        "contended",
+        "steal_spin",
+        "slow",
+        "pauses",
+        "parks",
+        "park_ns",
+        "wake_lat_ns",
+        "wake_lat_n",
+        "want_ns",
+        "wants",
+        "yields",
+        "slow_steal",
+        "wake_syscall_ns",
+    ];
+    #[cfg(pvlock_trace)]
+    mod imp {
+        use super::N;
+        use std::cell::Cell;
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        pub static TOTAL: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];
+        pub static LAST_WAKE: AtomicU64 = AtomicU64::new(0);
+        struct Local([Cell<u64>; N]);
+        impl Drop for Local {
+            fn drop(&mut self) {
+                flush_local(self)
+            }
+        }
+        fn flush_local(l: &Local) {
+            for (t, c) in TOTAL.iter().zip(l.0.iter()) {
+                t.fetch_add(c.replace(0), Relaxed);
+            }
+        }
+        std::thread_local! { static L: Local = const { Local([const { Cell::new(0) }; N]) }; }
+        pub fn add(i: usize, n: u64) {
+            let _ = L.try_with(|l| l.0[i].set(l.0[i].get() + n));
+        }
+        pub fn flush() {
+            let _ = L.try_with(flush_local);
+        }
+        pub fn now_ns() -> u64 {
+            static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+        }
+        pub fn snapshot() -> [u64; N] {
+            core::array::from_fn(|i| TOTAL[i].load(Relaxed))
+        }
+    }
+    #[cfg(pvlock_trace)]
+    pub use imp::*;
+    #[cfg(not(pvlock_trace))]
+    mod imp {
+        use super::N;
+        #[inline(always)]
+        pub fn add(_: usize, _: u64) {}
+        pub fn flush() {}
+        #[inline(always)]
+        pub fn now_ns() -> u64 {
+            0
+        }
+        pub fn snapshot() -> [u64; N] {
+            [0; N]
+        }
+    }
+    #[cfg(not(pvlock_trace))]
+    pub use imp::*;
 }

@@ -111,8 +111,8 @@ fn futex_with_handoffs_excludes() {
     threads_exclude_each_other(PvLock::Futex, true, 2);
 }
 
-/// Three threads: parked waiters, a wake in flight (`WAKING`) while another unlock happens, and
-/// stealing; nobody may be left asleep.
+/// Three threads: parked waiters, a wake in flight (`PARKED` cleared, the woken waiter not back
+/// yet) while another unlock happens, and stealing; nobody may be left asleep.
 #[test]
 fn futex_never_loses_a_sleeper() {
     threads_exclude_each_other(PvLock::Futex, false, 3);

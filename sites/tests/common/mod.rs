@@ -271,12 +271,11 @@ pub fn pv_mutex_run<const SPINS: u32>(threads: usize, ops: u64, stall: Duration)
             let state: PvLockState = raw.state();
             panic!(
                 "watchdog: no critical section for {stall:?}; {finished} of {threads} threads \
-                 done after {:?}, {now} sections; lock {state:?} (locked {}, parked {}, waking {}, \
+                 done after {:?}, {now} sections; lock {state:?} (locked {}, parked {}, \
                  want {}, handoff {}); stats {:?}",
                 start.elapsed(),
                 state.is_locked(),
                 state.parked(),
-                state.waking(),
                 state.wants_handoff(),
                 state.handed_off(),
                 altpatch_sites::pvlock::stats()
