@@ -43,14 +43,18 @@ fn main() {
     let report = altpatch::apply_patches();
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
+    // Calls each worker has finished: a call already past the branch when `set` returns finishes
+    // its trace after; waiting for two more calls of every worker waits for it.
+    let finished = [AtomicU64::new(0), AtomicU64::new(0)];
     std::thread::scope(|s| {
-        for t in 0..2 {
+        for (t, finished) in finished.iter().enumerate() {
             let (stop, calls) = (&stop, &calls);
             s.spawn(move || {
                 let (mut n, mut acc) = (0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
-                    acc ^= process(black_box(n + t));
+                    acc ^= process(black_box(n + t as u64));
                     n += 1;
+                    finished.store(n, Ordering::Release);
                 }
                 calls.fetch_add(n, Ordering::Relaxed);
                 black_box(acc);
@@ -59,6 +63,14 @@ fn main() {
         for phase in 0..4 {
             let on = phase % 2 == 1;
             let update = TRACE.set(on).expect("the trace key toggles");
+            let seen = finished.each_ref().map(|f| f.load(Ordering::Acquire));
+            while finished
+                .iter()
+                .zip(seen)
+                .any(|(f, n)| f.load(Ordering::Acquire) < n + 2)
+            {
+                std::thread::yield_now();
+            }
             let before = TRACED.load(Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(100));
             let traced = TRACED.load(Ordering::Relaxed) - before;
@@ -70,7 +82,7 @@ fn main() {
                 branch_bytes(report)
             );
             if !on {
-                // Disabled means no traced call at all once `set` has returned.
+                // Disabled: no call that reaches the branch after `set` returned is traced.
                 assert_eq!(traced, 0);
             }
         }
