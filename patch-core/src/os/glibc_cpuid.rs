@@ -3,9 +3,10 @@
 //! glibc (2.33 and later) reads CPUID once in the dynamic loader and exports the raw registers of
 //! leaves 1, 7 and 0x8000_0001 through `__x86_get_cpuid_feature_leaf` (`<sys/platform/x86.h>`).
 //! In a VM guest every CPUID instruction exits to the hypervisor (about 7 µs on this project's
-//! KVM guest), so reading glibc's copy saves those exits. The function is looked up with `dlsym`:
-//! an older glibc, musl or a static binary without it answers null, and every leaf then comes
-//! from the instruction. (`AT_HWCAP` on x86_64 holds only leaf 1 EDX, none of whose bits
+//! KVM guest), so reading glibc's copy saves those exits. The function is a weak reference read
+//! through the GOT, which the dynamic linker filled while relocating the object (`dlsym` cost
+//! 2-10 µs at load): an older glibc, musl or a static binary without it leaves it null, and
+//! every leaf then comes from the instruction. (`AT_HWCAP` on x86_64 holds only leaf 1 EDX, none of whose bits
 //! [`Feature`](crate::Feature) selects on, so the auxiliary vector adds nothing here.)
 
 use crate::cpu::{CpuidSource, NativeCpuid};
@@ -33,14 +34,23 @@ pub struct GlibcCpuid {
 impl GlibcCpuid {
     /// Reads glibc's copies (no CPUID instruction).
     pub fn new() -> GlibcCpuid {
-        // SAFETY: `dlsym` with RTLD_DEFAULT and a NUL-terminated name only looks the symbol up.
-        let found =
-            unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__x86_get_cpuid_feature_leaf".as_ptr()) };
-        if found.is_null() {
+        let found: usize;
+        // SAFETY: loads the GOT entry of a weak symbol (its address, or 0 when undefined); no
+        // memory is written and nothing is called.
+        unsafe {
+            core::arch::asm!(
+                ".weak __x86_get_cpuid_feature_leaf",
+                "mov {}, qword ptr [rip + __x86_get_cpuid_feature_leaf@GOTPCREL]",
+                out(reg) found,
+                options(nostack, preserves_flags, readonly, pure),
+            );
+        }
+        if found == 0 {
             return GlibcCpuid { leaves: None };
         }
-        // SAFETY: glibc declares it `const struct cpuid_feature *(unsigned int)`.
-        let get: GetLeaf = unsafe { core::mem::transmute::<*mut libc::c_void, GetLeaf>(found) };
+        // SAFETY: non-null, it is glibc's function, declared
+        // `const struct cpuid_feature *(unsigned int)`.
+        let get: GetLeaf = unsafe { core::mem::transmute::<usize, GetLeaf>(found) };
         let mut leaves = [[0; 4]; 3];
         for (out, (index, _)) in leaves.iter_mut().zip(GLIBC_LEAVES) {
             // SAFETY: any index is valid (glibc answers a zeroed entry past its table); the
@@ -95,6 +105,11 @@ mod tests {
     #[test]
     fn glibc_leaves_are_the_instructions_leaves() {
         let glibc = GlibcCpuid::new();
+        // The weak reference finds the function wherever the dynamic linker knows it.
+        // SAFETY: `dlsym` with RTLD_DEFAULT and a NUL-terminated name only looks the symbol up.
+        let known =
+            unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__x86_get_cpuid_feature_leaf".as_ptr()) };
+        assert_eq!(glibc.from_glibc(), !known.is_null());
         // The test runs on glibc >= 2.33 here; elsewhere the source falls back to CPUID.
         for (_, leaf) in GLIBC_LEAVES {
             let native = NativeCpuid.cpuid(leaf, 0);
