@@ -475,6 +475,42 @@ impl<S: CpuidSource + ?Sized> CpuidSource for Memo<'_, S> {
     }
 }
 
+/// How [`Cpu::from_source_with`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detecting {
+    /// Everything from the source, now (tests, [`Cpu::from_source`]).
+    Source,
+    /// The live CPU: the hypervisor leaves from the instruction when first asked.
+    Live,
+    /// The live CPU through [`CheckedLeaves`]: the vendor and the hypervisor leaves from the
+    /// instruction when first asked.
+    CheckedLeaves,
+}
+
+/// A source whose leaves 1, 7 (subleaf 0) and 0x8000_0001 were read where the maximum leaves
+/// have them, and are zero elsewhere (glibc's copies: its loader reads leaf 7 only when leaf 0
+/// says it exists, 0x8000_0001 only when 0x8000_0000 does), presented to `raw-cpuid` with
+/// maximum leaves that cover them, so that it reads neither leaf 0 nor 0x8000_0000. A zero leaf
+/// is no feature, as a leaf the maximum does not reach is. Leaf 0 has no vendor here: the
+/// vendor is read from the instruction when asked. Leaf 7 subleaf 1, which `raw-cpuid` reads
+/// with subleaf 0, holds no [`Feature`] (see `cpuid_bit`) and reads as zero.
+struct CheckedLeaves<'a, S>(&'a S);
+
+impl<S: CpuidSource> CpuidSource for CheckedLeaves<'_, S> {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        match leaf {
+            0 => [7, 0, 0, 0],
+            0x8000_0000 => [0x8000_0001, 0, 0, 0],
+            7 if subleaf != 0 => [0; 4],
+            _ => self.0.cpuid(leaf, subleaf),
+        }
+    }
+
+    fn xcr0(&self) -> Option<u64> {
+        self.0.xcr0()
+    }
+}
+
 /// Adapts any [`CpuidSource`] to `raw-cpuid`'s reader trait.
 struct Reader<'a, S: ?Sized>(&'a S);
 
@@ -495,7 +531,10 @@ impl<S: CpuidSource + ?Sized> CpuIdReader for Reader<'_, S> {
 #[derive(Clone, Debug)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Cpu {
-    vendor: String,
+    /// Set at detection, except for [`Cpu::detect`] from the C library's copies: leaf 0 is then
+    /// read by the CPUID instruction when first asked (the report, a comparison).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "serialize_vendor"))]
+    vendor: OnceLock<String>,
     features: FeatureSet,
     /// Set at detection, except for [`Cpu::detect`] under a hypervisor: its vendor leaves are
     /// read by the CPUID instruction when a predicate (or the report) first asks.
@@ -511,6 +550,27 @@ fn serialize_hypervisor<S: serde::Serializer>(
     serde::Serialize::serialize(&resolve_hypervisor(hypervisor), serializer)
 }
 
+#[cfg(feature = "serde")]
+fn serialize_vendor<S: serde::Serializer>(
+    vendor: &OnceLock<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(resolve_vendor(vendor))
+}
+
+fn resolve_vendor(vendor: &OnceLock<String>) -> &str {
+    vendor.get_or_init(|| vendor_of(&CpuId::with_cpuid_reader(Reader(&NativeCpuid))))
+}
+
+/// The vendor string of leaf 0 (`""` when it holds none).
+fn vendor_of<R: CpuIdReader>(cpuid: &CpuId<R>) -> String {
+    cpuid
+        .get_vendor_info()
+        .as_ref()
+        .map_or("", |v| v.as_str().trim_end_matches('\0'))
+        .to_owned()
+}
+
 fn resolve_hypervisor(hypervisor: &OnceLock<Option<Hypervisor>>) -> Option<&Hypervisor> {
     hypervisor
         .get_or_init(|| Hypervisor::scan(&Memo::new(&NativeCpuid)))
@@ -519,7 +579,7 @@ fn resolve_hypervisor(hypervisor: &OnceLock<Option<Hypervisor>>) -> Option<&Hype
 
 impl PartialEq for Cpu {
     fn eq(&self, other: &Cpu) -> bool {
-        self.vendor == other.vendor
+        self.vendor() == other.vendor()
             && self.features == other.features
             && self.hypervisor() == other.hypervisor()
     }
@@ -532,31 +592,38 @@ impl Cpu {
     ///
     /// Issues as few CPUID instructions as it can, since in a VM guest each is a VM exit: leaves
     /// 1, 7 and 0x8000_0001 come from the C library's copy where it has one
-    /// ([`GlibcCpuid`](crate::os::glibc_cpuid::GlibcCpuid)), and the hypervisor's vendor leaves
-    /// are read only when a predicate or the report asks about the hypervisor.
+    /// ([`GlibcCpuid`](crate::os::glibc_cpuid::GlibcCpuid)), which read them only where the
+    /// maximum leaves have them, so leaves 0 and 0x8000_0000 need not be read to trust them; the
+    /// vendor (leaf 0) and the hypervisor's vendor leaves are read only when asked (the report,
+    /// a predicate about the hypervisor).
     pub fn detect() -> Cpu {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        let source = crate::os::glibc_cpuid::GlibcCpuid::new();
+        {
+            let source = crate::os::glibc_cpuid::GlibcCpuid::new();
+            if source.from_glibc() {
+                return Cpu::from_source_with(&CheckedLeaves(&source), Detecting::CheckedLeaves);
+            }
+            Cpu::from_source_with(&source, Detecting::Live)
+        }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-        let source = NativeCpuid;
-        Cpu::from_source_with(&source, false)
+        Cpu::from_source_with(&NativeCpuid, Detecting::Live)
     }
 
     /// Detects from any CPUID source: feature bits, masked by the OS-enabled XCR0 state, plus the
     /// hypervisor.
     pub fn from_source(source: &impl CpuidSource) -> Cpu {
-        Cpu::from_source_with(source, true)
+        Cpu::from_source_with(source, Detecting::Source)
     }
 
-    /// `scan_now`: read the hypervisor leaves from `source` now, rather than from the CPUID
-    /// instruction when first asked.
-    fn from_source_with(source: &impl CpuidSource, scan_now: bool) -> Cpu {
+    /// Reads `source`'s feature leaves; the vendor and the hypervisor leaves now (`Source`) or
+    /// from the CPUID instruction when first asked.
+    fn from_source_with(source: &impl CpuidSource, detecting: Detecting) -> Cpu {
         let source = &Memo::new(source);
         let cpuid = CpuId::with_cpuid_reader(Reader(source));
-        let vendor = cpuid.get_vendor_info();
-        let vendor = vendor
-            .as_ref()
-            .map_or("", |v| v.as_str().trim_end_matches('\0'));
+        let vendor = OnceLock::new();
+        if detecting != Detecting::CheckedLeaves {
+            let _ = vendor.set(vendor_of(&cpuid));
+        }
         let leaves = Leaves {
             l1: cpuid.get_feature_info(),
             l7: cpuid.get_extended_feature_info(),
@@ -574,10 +641,9 @@ impl Cpu {
         let hypervisor = OnceLock::new();
         if !l1(FeatureInfo::has_hypervisor) {
             let _ = hypervisor.set(None);
-        } else if scan_now {
+        } else if detecting == Detecting::Source {
             let _ = hypervisor.set(Hypervisor::scan(source));
         }
-        let vendor = vendor.to_owned();
         Cpu {
             vendor,
             features,
@@ -589,7 +655,7 @@ impl Cpu {
     /// selection.
     pub fn synthetic(features: FeatureSet, hypervisor: Option<Hypervisor>) -> Cpu {
         Cpu {
-            vendor: String::new(),
+            vendor: OnceLock::from(String::new()),
             features,
             hypervisor: OnceLock::from(hypervisor),
         }
@@ -612,7 +678,7 @@ impl Cpu {
 
     /// The CPU vendor string (`"GenuineIntel"`, `"AuthenticAMD"`; `""` for synthetic CPUs).
     pub fn vendor(&self) -> &str {
-        &self.vendor
+        resolve_vendor(&self.vendor)
     }
 
     /// This CPU with `cleared` removed, like the kernel's `clearcpuid=`: features that depend on
@@ -641,7 +707,7 @@ impl Cpu {
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let vendor = Some(self.vendor.as_str()).filter(|v| !v.is_empty());
+        let vendor = Some(self.vendor()).filter(|v| !v.is_empty());
         let vendor = vendor.unwrap_or("unknown");
         write!(
             f,
@@ -811,6 +877,21 @@ mod tests {
         reads.sort_unstable();
         reads.dedup();
         assert_eq!(all, reads.len(), "{reads:x?}");
+
+        // From copies taken with the maximum leaves checked (glibc's): only the feature leaves,
+        // with the same features (every one of them); the vendor is read when asked, from the
+        // instruction.
+        let every = Feature::ALL.iter().copied().collect();
+        let all = Counting(FakeCpuid::new().with_features(every), RefCell::default());
+        let checked = Cpu::from_source_with(&CheckedLeaves(&all), Detecting::CheckedLeaves);
+        let mut reads = all.1.take();
+        reads.sort_unstable();
+        assert_eq!(reads, [(1, 0), (7, 0), (0x8000_0001, 0)]);
+        assert_eq!(checked.features(), every);
+        assert_eq!(checked.features(), Cpu::from_source(&all.0).features());
+        let checked = Cpu::from_source_with(&CheckedLeaves(&counting), Detecting::CheckedLeaves);
+        assert_eq!(checked.features(), cpu.features());
+        assert_eq!(checked.vendor(), Cpu::from_source(&NativeCpuid).vendor());
     }
 
     #[test]
@@ -924,5 +1005,8 @@ mod tests {
         agree!(Xsave "xsave", Cmpxchg16b "cmpxchg16b");
         assert!(!cpu.vendor().is_empty());
         assert_eq!(Cpu::detect(), cpu, "detection is deterministic");
+        // From glibc's copies without leaves 0 and 0x8000_0000, as from the instruction alone
+        // (vendor, features and hypervisor).
+        assert_eq!(cpu, Cpu::from_source(&NativeCpuid));
     }
 }
