@@ -259,9 +259,12 @@ fn write_batch_with(
         refuse_all(&mut results, &why);
     }
     let pending: Vec<usize> = (0..sites.len()).filter(|&i| results[i].is_ok()).collect();
-    // The bytes there now, put back if a write fails half-way.
+    // The bytes there now, put back if a write fails half-way: only a live or an all-or-none
+    // batch puts bytes back, so a plain direct batch (the load-time apply) copies none.
+    let keep_olds = stats.live || all_or_none;
     let olds: Vec<SiteBytes> = pending
         .iter()
+        .filter(|_| keep_olds)
         .map(|&i| {
             let site = &sites[i];
             // SAFETY: the caller hands sites in mapped text (apply checks each is executable,
