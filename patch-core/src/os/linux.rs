@@ -331,7 +331,7 @@ pub fn thread_count_from_proc() -> Option<usize> {
 /// and later), true only while no thread was ever created with `pthread_create` (glibc clears it
 /// before cloning the first thread and never sets it again while threads may run). A `true` is
 /// therefore sound: no other thread exists, so none can create one while we look. `false`
-/// (threads were created, maybe all gone; an inner `dlmopen` namespace) and no such symbol
+/// (threads were created, maybe all gone) and no such symbol
 /// (older glibc, musl, a static binary that does not link it) say nothing: the caller counts
 /// from `/proc`. Its limit: a thread made with a raw `clone` behind glibc's back is not seen,
 /// as glibc itself does not support such threads calling into it.
@@ -350,9 +350,11 @@ pub fn libc_single_threaded() -> bool {
             options(nostack, preserves_flags, readonly, pure),
         );
     }
-    // SAFETY: non-null, it is glibc's `char __libc_single_threaded`, alive for the process. glibc
-    // writes it only before a thread exists (so a thread that could read it, if it is not us,
-    // was created after the write): a relaxed load sees the value that applies to us.
+    // SAFETY: non-null, it is glibc's `char __libc_single_threaded`, alive for the process.
+    // glibc clears it in the thread that creates the first other thread, before the clone: if
+    // that was us, program order shows it; if another thread exists, we were created after the
+    // clear, or by a thread created after it. So a relaxed load reads true only with no other
+    // thread.
     address != 0
         && unsafe { core::sync::atomic::AtomicU8::from_ptr(address as *mut u8) }
             .load(core::sync::atomic::Ordering::Relaxed)
