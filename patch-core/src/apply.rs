@@ -38,7 +38,7 @@ pub(crate) static PATCHER: ForkSafeMutex<PatcherState> = ForkSafeMutex::new(Patc
 /// copies any of it half-made.
 pub(crate) struct PatcherState {
     /// Interned reasons (see [`intern`]).
-    reasons: Option<HashSet<&'static str>>,
+    reasons: Option<Reasons>,
     /// `ALTPATCH` as the first of `apply_patches()` and the first key toggle read it: the
     /// process's configuration, which both keep.
     startup: Option<Result<Overrides, OverrideError>>,
@@ -249,7 +249,7 @@ impl Patcher {
         let records = record::records();
         let detected = self.cpu.unwrap_or_else(Cpu::detect);
         let (overrides, cpu, error) = resolve(self.overrides, detected, records);
-        let reasons = state.reasons.get_or_insert_with(HashSet::new);
+        let reasons = state.reasons.get_or_insert_with(Reasons::default);
         let memory = std::sync::Arc::new(memory_map(records));
         let mut writer = self
             .writer
@@ -597,7 +597,7 @@ impl Selected {
 struct Suffixed<'a> {
     made: HashMap<(usize, usize, usize), &'static str, BuildHasherDefault<AddressHasher>>,
     /// The process's interned reasons (in the patcher's state).
-    reasons: &'a mut HashSet<&'static str>,
+    reasons: &'a mut Reasons,
 }
 
 impl Suffixed<'_> {
@@ -618,7 +618,7 @@ impl Suffixed<'_> {
 /// choices), so a program has a bounded set of them however often it applies; keeping each once
 /// lets every report entry borrow it instead of allocating (10,000 sites make 10,000 reports).
 /// Reasons that carry per-site data (a refusal's bytes, a write error) are owned by their entry.
-fn intern(reasons: &mut HashSet<&'static str>, text: String) -> &'static str {
+fn intern(reasons: &mut Reasons, text: String) -> &'static str {
     if let Some(&known) = reasons.get(text.as_str()) {
         return known;
     }
@@ -626,6 +626,11 @@ fn intern(reasons: &mut HashSet<&'static str>, text: String) -> &'static str {
     reasons.insert(leaked);
     leaked
 }
+
+/// The interned reasons. Their texts come from the program's own descriptors, not from input an
+/// attacker picks, so they need no keyed hash: std's random keys cost a `getrandom` system call
+/// at the first apply of every process.
+type Reasons = HashSet<&'static str, BuildHasherDefault<AddressHasher>>;
 
 /// A map keyed by the address of a static (a descriptor, a key). Such addresses are unique and
 /// well spread: a multiply hashes them (SipHash, the std default, cost more than the rest of a
@@ -647,7 +652,12 @@ impl Hasher for AddressHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        // Reasons' texts: eight bytes at a time.
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.write_u64(u64::from_le_bytes(word.try_into().expect("8 bytes")));
+        }
+        for &b in words.remainder() {
             self.write_u64(u64::from(b));
         }
     }

@@ -161,8 +161,8 @@ impl TextLock {
     /// Waits for the lock. A holder that is no thread of this process any more (the process
     /// forked while another thread held it) is taken over.
     pub fn acquire() -> TextLock {
-        // SAFETY: gettid and getpid take no arguments and cannot fail.
-        let (me, pid) = unsafe { (libc::gettid(), libc::getpid()) };
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let me = unsafe { libc::gettid() };
         // SAFETY: the word is defined above, 4-aligned, and only used atomically.
         let word = unsafe { &altpatch_text_lock };
         loop {
@@ -170,6 +170,8 @@ impl TextLock {
                 Ok(_) => return TextLock,
                 Err(holder) => holder,
             };
+            // SAFETY: getpid takes no arguments and cannot fail.
+            let pid = unsafe { libc::getpid() };
             // SAFETY: signal 0 only checks that the thread exists in this process.
             let gone = unsafe { libc::syscall(libc::SYS_tgkill, pid, holder, 0) } != 0
                 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
