@@ -386,12 +386,29 @@ fn is_known_filler(mut bytes: &[u8]) -> bool {
                 }
                 bytes = after;
             }
-            _ => match NOPS[1..].iter().find(|nop| bytes.starts_with(nop)) {
-                Some(nop) => bytes = &bytes[nop.len()..],
+            _ => match known_nop(bytes) {
+                Some(len) => bytes = &bytes[len..],
                 None => return false,
             },
         }
     }
+}
+
+/// The length of the recommended NOP ([`NOPS`]) `bytes` starts with, if any: chosen by its
+/// first bytes (no two of them start alike), then compared whole.
+fn known_nop(bytes: &[u8]) -> Option<usize> {
+    let len = match bytes {
+        [0x90, ..] => return Some(1),
+        [0x66, 0x90, ..] => return Some(2),
+        [0x0f, 0x1f, 0x00, ..] => 3,
+        [0x0f, 0x1f, 0x40, ..] => 4,
+        [0x0f, 0x1f, 0x44, ..] => 5,
+        [0x66, 0x0f, 0x1f, ..] => 6,
+        [0x0f, 0x1f, 0x80, ..] => 7,
+        [0x0f, 0x1f, 0x84, ..] => 8,
+        _ => return None,
+    };
+    (bytes.get(..len)? == NOPS[len]).then_some(len)
 }
 
 fn is_decoded_filler(bytes: &[u8]) -> bool {
@@ -617,8 +634,8 @@ fn first_stop(site: Block<'_>, body_len: usize) -> Stop {
         Some(Shape::Nop) => match bytes {
             [] => return Stop::Nowhere,
             [JMP_REL8, skip, ..] => 2 + usize::from(*skip),
-            _ => match NOPS[1..].iter().find(|nop| bytes.starts_with(nop)) {
-                Some(nop) => nop.len(),
+            _ => match known_nop(bytes) {
+                Some(len) => len,
                 None => first_instruction(site).len(),
             },
         },
@@ -866,6 +883,34 @@ mod tests {
         let mut v = vec![0xe8];
         v.extend_from_slice(&rel.to_le_bytes());
         v
+    }
+
+    #[test]
+    fn known_nops_are_the_recommended_ones() {
+        let find = |bytes: &[u8]| {
+            NOPS[1..]
+                .iter()
+                .find(|nop| bytes.starts_with(nop))
+                .map(|n| n.len())
+        };
+        for (len, nop) in NOPS.iter().enumerate().skip(1) {
+            assert_eq!(known_nop(nop), Some(len));
+            let mut longer = nop.to_vec();
+            longer.push(0xcc);
+            assert_eq!(known_nop(&longer), Some(len));
+            for cut in 0..len {
+                assert_eq!(
+                    known_nop(&nop[..cut]),
+                    find(&nop[..cut]),
+                    "{len} cut to {cut}"
+                );
+            }
+            for at in 0..len {
+                let mut changed = nop.to_vec();
+                changed[at] ^= 0x01;
+                assert_eq!(known_nop(&changed), find(&changed), "{changed:02x?}");
+            }
+        }
     }
 
     #[test]
