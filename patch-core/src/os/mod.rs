@@ -27,30 +27,42 @@ pub struct MemoryMap {
 }
 
 impl MemoryMap {
-    fn find(&self, addr: usize, len: usize, hint: &AtomicUsize) -> Option<&(Range<usize>, Perms)> {
-        let end = addr.checked_add(len)?;
-        let covers = |(r, _): &&(Range<usize>, Perms)| r.start <= addr && end <= r.end;
-        if let Some(hit) = self.regions.get(hint.load(Relaxed)).filter(covers) {
-            return Some(hit);
+    /// Whether mappings with permissions `ok` cover `addr..addr + len` without a gap. A range
+    /// may span several: an earlier write's `mprotect` splits a text mapping at page boundaries
+    /// (`/proc/self/maps` then lists the written pages apart), and a site may cross one.
+    fn covered(&self, addr: usize, len: usize, hint: &AtomicUsize, ok: fn(&Perms) -> bool) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        if let Some((r, p)) = self.regions.get(hint.load(Relaxed))
+            && r.start <= addr
+            && end <= r.end
+        {
+            return ok(p);
         }
-        let i = self.regions.partition_point(|(r, _)| r.end <= addr);
-        let found = self.regions.get(i).filter(covers);
-        if found.is_some() {
-            hint.store(i, Relaxed);
+        let first = self.regions.partition_point(|(r, _)| r.end <= addr);
+        let mut at = addr;
+        for (r, p) in &self.regions[first..] {
+            if r.start > at || !ok(p) {
+                return false;
+            }
+            at = at.max(r.end);
+            if at >= end {
+                hint.store(first, Relaxed);
+                return true;
+            }
         }
-        found
+        false
     }
 
-    /// Whether `addr..addr + len` lies in one readable mapping.
+    /// Whether `addr..addr + len` lies in readable mappings.
     pub fn is_readable(&self, addr: usize, len: usize) -> bool {
-        self.find(addr, len, &self.last[1])
-            .is_some_and(|(_, p)| p.read)
+        self.covered(addr, len, &self.last[1], |p| p.read)
     }
 
-    /// Whether `addr..addr + len` lies in one readable, executable mapping.
+    /// Whether `addr..addr + len` lies in readable, executable mappings.
     pub fn is_executable(&self, addr: usize, len: usize) -> bool {
-        self.find(addr, len, &self.last[0])
-            .is_some_and(|(_, p)| p.read && p.exec)
+        self.covered(addr, len, &self.last[0], |p| p.read && p.exec)
     }
 
     /// The mappings covering `range` and their permissions, clipped to it; `None` unless they
@@ -237,6 +249,39 @@ mod tests {
         assert_eq!(perms.len(), 1);
         assert!(perms[0].1.exec && !perms[0].1.write, "{perms:?}");
         assert_eq!(map.permissions(0..0x1000), None);
+    }
+
+    #[test]
+    fn a_range_may_span_adjacent_mappings_that_all_allow_it() {
+        let rx = Perms {
+            read: true,
+            write: false,
+            exec: true,
+        };
+        let r = Perms { exec: false, ..rx };
+        // A text mapping split at a written page, then read-only data after a gap.
+        let map = MemoryMap {
+            regions: vec![
+                (0x1000..0x3000, rx),
+                (0x3000..0x4000, rx),
+                (0x4000..0x6000, rx),
+                (0x6000..0x7000, r),
+                (0x8000..0x9000, rx),
+            ],
+            page_exact: true,
+            last: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        };
+        assert!(map.is_executable(0x2ffc, 16));
+        assert!(map.is_executable(0x2ffc, 0x1010));
+        assert!(map.is_executable(0x1000, 0x5000));
+        assert!(map.is_executable(0x3ff0, 0x10));
+        assert!(!map.is_executable(0x5ffc, 16), "into data");
+        assert!(map.is_readable(0x5ffc, 16));
+        assert!(!map.is_readable(0x6ffc, 16), "into a gap");
+        assert!(!map.is_executable(0x0ffc, 16), "from a gap");
+        assert!(!map.is_executable(0x8ffc, 16), "past the end");
+        assert!(!map.is_readable(usize::MAX - 4, 16));
+        assert!(map.is_executable(0x8000, 0));
     }
 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
