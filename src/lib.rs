@@ -33,16 +33,18 @@
 //! shared library when it is loaded (a Rust `cdylib` carries its own copy of altpatch and of its
 //! records; opened by `dlopen` while threads run, it patches under the live protocol, and a site
 //! whose rewrite needs a single thread stays on its default, saying so). The initializer reads
-//! `ALTPATCH`/`ALTPATCH_LOG`, the loaded segments and `/proc/self/task`, allocates and writes
-//! the sites; it prints nothing unless `ALTPATCH_LOG` asks, starts no thread, and no panic leaves it.
+//! `ALTPATCH`/`ALTPATCH_LOG`, the loaded segments and the thread count (glibc's single-thread
+//! flag, else `/proc/self/task`), allocates and writes the sites; it prints nothing unless
+//! `ALTPATCH_LOG` asks, starts no thread, and no panic leaves it.
 //! An object without sites pays nothing. [`apply_patches()`] stays: idempotent, it returns the
 //! load-time report ([`applied_report()`] too). `ALTPATCH=off` leaves every site on its default;
 //! the `manual-apply` cargo feature removes the initializer, so sites wait for
 //! [`apply_patches()`] (or a [`Patcher`]) and a program decides when patching happens.
-//! The first apply of a small program costs about 70 µs for one site and 130 µs for 100 on the
-//! project's 2-vCPU guest (`benches/README.md`): CPU features are read from
-//! the C library's copy of CPUID, the hypervisor leaves only when a predicate asks, and the
-//! common site shapes are verified byte for byte without building the decoder's tables.
+//! The first apply of a small program costs about 60 µs for one site and 130 µs for 100 on the
+//! project's loaded 2-vCPU guest (`benches/README.md`): CPU features are read from the C
+//! library's copy of CPUID (no CPUID instruction), the hypervisor leaves only when a predicate
+//! asks, the thread count from glibc's single-thread flag, and the common site shapes are
+//! verified byte for byte without building the decoder's tables.
 //!
 //! ## How it works
 //!

@@ -7,9 +7,9 @@
 //! no call in anybody's `main`, and its own `cargo test` runs patched.
 //!
 //! What the initializer may do, and does: read `ALTPATCH` and `ALTPATCH_LOG`, detect the CPU,
-//! list the loaded segments (`dl_iterate_phdr`, in place of `/proc/self/maps`), read
-//! `/proc/self/task` (the thread count), allocate, change page protections and write the
-//! sites. What it may not do, and does not: print anything unless `ALTPATCH_LOG` asks (or
+//! list the loaded segments (`dl_iterate_phdr`, in place of `/proc/self/maps`), count threads
+//! (glibc's `__libc_single_threaded`, else `/proc/self/task`), allocate, change page protections
+//! and write the sites. What it may not do, and does not: print anything unless `ALTPATCH_LOG` asks (or
 //! `ALTPATCH` is malformed: its error, once), start
 //! threads, or let a panic cross into the C runtime (one is caught and the sites keep what they
 //! ran; apply itself never panics). A library opened while other threads run patches under the
