@@ -20,15 +20,19 @@ use crate::sync::Ordering::{Acquire, Relaxed, Release};
 use crate::sync::{AtomicU32, spin_loop, yield_now};
 
 /// How many `pause`s a contended locker makes (with exponential backoff between its looks at the
-/// lock, stealing it whenever it is free) before it calls the `pv_lock` slow-path op (which under
-/// `futex` spins as many again before it parks).
+/// lock, stealing it whenever it is free: four looks) before it calls the `pv_lock` slow-path op.
+/// Under `futex` that op parks at once, and a woken waiter spins as many pauses again before it
+/// parks again; under `native` it keeps looking, with the same backoff.
 ///
 /// Shorter than the ticket lock's [`SPIN_THRESHOLD`](crate::SPIN_THRESHOLD): a ticket waiter
 /// must be running when its turn comes, a hybrid waiter need not (the lock goes to whoever runs),
-/// so spinning only has to cover a critical section or two, not a wake-up. 2^8 pauses are 6-10 µs
-/// on this project's 2-vCPU KVM guest. Measured there (8 threads on 2 vCPUs, `futex`, 300 ms
-/// runs): 2^2 to 2^11 gave the same throughput and fairness within the run-to-run noise.
-pub const PV_SPIN_THRESHOLD: u32 = 1 << 8;
+/// so spinning only has to cover a critical section or two, not a wake-up. Issue 15, on the
+/// 2-vCPU KVM guest (AMD EPYC host, load average 5-13), `futex`, 14 alternating 300-400 ms runs
+/// of `locks_contended` against 2^8: median throughput 99 / 99 / 87 / 94 M/s at 2 / 4 / 8 / 16
+/// threads against 66 / 78 / 83 / 92. A longer spin lets a waiter on the other vCPU keep
+/// stealing the lock (99 % of contended acquisitions at 2^8, traced), so both vCPUs trade its
+/// line instead of one running it from its cache while the other waiter sleeps.
+pub const PV_SPIN_THRESHOLD: u32 = 1 << 4;
 
 /// How long a `futex` waiter waits before it asks for a direct handoff (closing the steal window
 /// until it has the lock): parking_lot's eventual-fairness bound.
@@ -172,7 +176,7 @@ impl Backoff {
         for _ in 0..self.step {
             spin_loop();
         }
-        self.spent += self.step;
+        self.spent = self.spent.saturating_add(self.step);
         self.step = (self.step * 2).min(MAX_BACKOFF);
     }
 }
@@ -455,18 +459,20 @@ pub(crate) unsafe fn unlock(word: *const Word) {
     unsafe { futex_unlock(word) }
 }
 
-/// `native`'s slow path: spin and steal until the lock is ours.
+/// `native`'s slow path: spin and steal until the lock is ours, looking with the contended
+/// path's backoff (up to [`MAX_BACKOFF`] pauses between looks).
 ///
 /// # Safety
 /// As [`lock_slowpath`].
 unsafe fn spin_lock_slowpath(word: *const Word, _spins: u32) {
     // SAFETY: the caller guarantees a live lock.
     let word = unsafe { &*word };
+    let mut backoff = Backoff::new();
     loop {
         if word.try_steal(word.state().load(Relaxed)) {
             return;
         }
-        spin_loop();
+        backoff.pause();
         // The model has no `pause`; a spinning waiter lets the others run.
         #[cfg(loom)]
         yield_now();
