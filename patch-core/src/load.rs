@@ -91,18 +91,7 @@ pub const APPLIES_AT_LOAD: bool = cfg!(all(
 /// of a weak reference, null when nothing defines it.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn manual_apply_requested() -> bool {
-    let address: usize;
-    // SAFETY: loads the GOT entry of a weak symbol (its address, or 0 when undefined); no memory
-    // is written and the symbol is never dereferenced.
-    unsafe {
-        core::arch::asm!(
-            ".weak __altpatch_manual_apply",
-            "mov {}, qword ptr [rip + __altpatch_manual_apply@GOTPCREL]",
-            out(reg) address,
-            options(nostack, preserves_flags, readonly, pure),
-        );
-    }
-    address != 0
+    crate::os::weak_symbol_address!("__altpatch_manual_apply") != 0
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]

@@ -34,17 +34,7 @@ pub struct GlibcCpuid {
 impl GlibcCpuid {
     /// Reads glibc's copies (no CPUID instruction).
     pub fn new() -> GlibcCpuid {
-        let found: usize;
-        // SAFETY: loads the GOT entry of a weak symbol (its address, or 0 when undefined); no
-        // memory is written and nothing is called.
-        unsafe {
-            core::arch::asm!(
-                ".weak __x86_get_cpuid_feature_leaf",
-                "mov {}, qword ptr [rip + __x86_get_cpuid_feature_leaf@GOTPCREL]",
-                out(reg) found,
-                options(nostack, preserves_flags, readonly, pure),
-            );
-        }
+        let found = crate::os::weak_symbol_address!("__x86_get_cpuid_feature_leaf");
         if found == 0 {
             return GlibcCpuid { leaves: None };
         }

@@ -341,17 +341,7 @@ pub fn thread_count_from_proc() -> Option<usize> {
 /// The symbol is a weak reference read through the GOT (its address, null where nothing defines
 /// it), so the binary links and loads on any C library.
 pub fn libc_single_threaded() -> bool {
-    let address: usize;
-    // SAFETY: loads the GOT entry of a weak symbol (its address, or 0 when undefined); no memory
-    // is written.
-    unsafe {
-        core::arch::asm!(
-            ".weak __libc_single_threaded",
-            "mov {}, qword ptr [rip + __libc_single_threaded@GOTPCREL]",
-            out(reg) address,
-            options(nostack, preserves_flags, readonly, pure),
-        );
-    }
+    let address = crate::os::weak_symbol_address!("__libc_single_threaded");
     // SAFETY: non-null, it is glibc's `char __libc_single_threaded`, alive for the process.
     // glibc clears it in the thread that creates the first other thread, before the clone: if
     // that was us, program order shows it; if another thread exists, we were created after the

@@ -1,5 +1,27 @@
 //! Operating-system concerns, one file per OS.
 
+/// The address of the symbol `$name` through a weak reference in the GOT: 0 when nothing in the
+/// process defines it, so the binary links and loads on any C library either way.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+macro_rules! weak_symbol_address {
+    ($name:literal) => {{
+        let address: usize;
+        // SAFETY: loads the GOT entry of a weak symbol (its address, or 0 when undefined); no
+        // memory is written and nothing is called.
+        unsafe {
+            core::arch::asm!(
+                concat!(".weak ", $name),
+                concat!("mov {}, qword ptr [rip + ", $name, "@GOTPCREL]"),
+                out(reg) address,
+                options(nostack, preserves_flags, readonly, pure),
+            );
+        }
+        address
+    }};
+}
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(crate) use weak_symbol_address;
+
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 pub mod glibc_cpuid;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
