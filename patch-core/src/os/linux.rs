@@ -312,7 +312,7 @@ pub fn prefault<T>(buffer: &mut Vec<T>) {
 }
 
 /// Number of threads in this process: 1 when the C library knows the process to be
-/// single-threaded ([`libc_single_threaded`], no system call), else the entries of
+/// single-threaded (glibc's `__libc_single_threaded`, no system call), else the entries of
 /// `/proc/self/task` (listing them costs a fraction of reading `/proc/self/status`, about 20 µs
 /// here); `None` if they cannot be listed.
 pub fn thread_count() -> Option<usize> {
@@ -324,7 +324,7 @@ pub fn thread_count() -> Option<usize> {
 
 /// Number of threads in this process, from the entries of `/proc/self/task`; `None` if they
 /// cannot be listed.
-pub fn thread_count_from_proc() -> Option<usize> {
+fn thread_count_from_proc() -> Option<usize> {
     let tasks = std::fs::read_dir("/proc/self/task").ok()?;
     Some(tasks.filter(|t| t.is_ok()).count())
 }
@@ -340,7 +340,7 @@ pub fn thread_count_from_proc() -> Option<usize> {
 ///
 /// The symbol is a weak reference read through the GOT (its address, null where nothing defines
 /// it), so the binary links and loads on any C library.
-pub fn libc_single_threaded() -> bool {
+fn libc_single_threaded() -> bool {
     let address = crate::os::weak_symbol_address!("__libc_single_threaded");
     // SAFETY: non-null, it is glibc's `char __libc_single_threaded`, alive for the process.
     // glibc clears it in the thread that creates the first other thread, before the clone: if
@@ -401,9 +401,9 @@ pub fn threads_can_take_traps() -> Result<(), String> {
             // inside `pthread_create` (in the creating and the new thread), the kernel's as it
             // enters our handler (before `IN_HANDLER` has the thread). Read again for a while
             // before taking the thread for one that blocks SIGTRAP.
-            let (since, cpu_then) =
-                *first_blocked.get_or_insert_with(|| (Instant::now(), cpu_time(tid)));
-            if !may_be_transient(&thread, since.elapsed(), cpu_then, cpu_time(tid)) {
+            let cpu_now = cpu_time(tid);
+            let (since, cpu_then) = *first_blocked.get_or_insert((Instant::now(), cpu_now));
+            if !may_be_transient(&thread, since.elapsed(), cpu_then, cpu_now) {
                 break thread;
             }
             // SAFETY: sched_yield takes no arguments.
